@@ -1,0 +1,271 @@
+"""attach(): plug MicroTune adapters and a new head into an existing model."""
+
+import math
+
+import keras
+
+from keras_microtune.layers import EmbeddingStage, FeatureStage, MicroTune, OutputStage
+
+# Layers that make up a classifier head when they close a model.
+HEAD_TYPES = (
+    keras.layers.Dense,
+    keras.layers.Dropout,
+    keras.layers.Softmax,
+    keras.layers.Activation,
+    keras.layers.Flatten,
+    keras.layers.GlobalAveragePooling1D,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalMaxPooling1D,
+    keras.layers.GlobalMaxPooling2D,
+    EmbeddingStage,
+    OutputStage,
+)
+# Layers whose output ends a feature block: the candidates for "auto".
+BLOCK_END_TYPES = (
+    keras.layers.ReLU,
+    keras.layers.Activation,
+    keras.layers.Add,
+    keras.layers.Concatenate,
+    FeatureStage,
+    keras.Model,
+)
+AUTO_ADAPTERS = 2
+AUTO_MAX_WIDTH = 256
+AUTO_FALLBACK_RANK = 8
+
+
+def _is_graph_model(model):
+    """True for Sequential and Functional models (those with a layer graph)."""
+    if isinstance(model, keras.Sequential):
+        return True
+    try:
+        config = model.get_config()
+    except NotImplementedError:
+        return False
+    return isinstance(config, dict) and "input_layers" in config
+
+
+def _check_model(model):
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "attach() expects a keras.Model (Sequential or Functional). "
+            f"Received: model of type {type(model).__name__}"
+        )
+    if not _is_graph_model(model):
+        raise TypeError(
+            "attach() supports Sequential and Functional models (including a "
+            "backbone model used as a layer inside a Functional model). "
+            f"Received a subclassed model {type(model).__name__!r}: wrap its layers "
+            "in a Functional model, or call the subclassed model on a "
+            "keras.Input inside a Functional model and attach to that."
+        )
+    if not model.built or not model.inputs:
+        raise ValueError(
+            "attach() needs a built model with known inputs. Build it first, e.g. "
+            "by giving the Sequential model a keras.Input as its first layer."
+        )
+
+
+def _as_functional(model):
+    """A Functional copy of `model` with its own layers and weights."""
+    clone = keras.models.clone_model(model)
+    for source, target in zip(model.layers, clone.layers):
+        target.set_weights(source.get_weights())
+    if isinstance(clone, keras.Sequential):
+        inputs = keras.Input(
+            batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype, name="input"
+        )
+        x = inputs
+        for layer in clone.layers:
+            x = layer(x)
+        clone = keras.Model(inputs, x, name=model.name)
+    return clone
+
+
+def _head_layers(model):
+    """The trailing chain of head-type layers of a single-output model."""
+    if len(model.outputs) != 1:
+        return []
+    head = []
+    layers = [
+        layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)
+    ]
+    while len(layers) > 1 and isinstance(layers[-1], HEAD_TYPES):
+        # `_keras_history` names the layer that produced a symbolic tensor.
+        producer = layers[-1].input._keras_history[0]
+        if producer is not layers[-2]:
+            break
+        head.append(layers.pop())
+    return head[::-1]
+
+
+def _width(tensor):
+    return tensor.shape[-1]
+
+
+def _auto_points(body):
+    candidates = [
+        layer
+        for layer in body
+        if isinstance(layer, BLOCK_END_TYPES)
+        and not isinstance(layer.output, (list, tuple))
+        and len(layer.output.shape) >= 2
+        and layer.output.shape[-1] is not None
+        and layer.output.shape[-1] <= AUTO_MAX_WIDTH
+    ]
+    return [layer.name for layer in candidates[-AUTO_ADAPTERS:]]
+
+
+def _resolve_adapters(adapters, model, head):
+    body = [
+        layer
+        for layer in model.layers
+        if layer not in head and not isinstance(layer, keras.layers.InputLayer)
+    ]
+    if adapters is None:
+        return [], {}
+    if adapters == "auto":
+        names = _auto_points(body)
+        if names:
+            return names, {}
+        # No narrow block end: one low-rank adapter on the features.
+        return [body[-1].name], {body[-1].name: AUTO_FALLBACK_RANK}
+    if isinstance(adapters, str):
+        adapters = [adapters]
+    names = list(adapters)
+    available = [layer.name for layer in body]
+    for name in names:
+        if name not in available:
+            raise ValueError(
+                f"Received an invalid adapter layer name {name!r}: no such layer "
+                f"before the head. Available layers: {available}. Pass "
+                "adapters='auto', None, or a list of these names."
+            )
+    return names, {}
+
+
+def attach(
+    model,
+    num_classes=None,
+    adapters="auto",
+    groups=4,
+    rank=None,
+    freeze=True,
+    head=None,
+):
+    """Plug MicroTune adapters and a task head into a trained model.
+
+    Returns a new Functional model; `model` itself is not modified. The
+    backbone is copied with its weights, frozen (BatchNorm then runs in
+    inference mode), `MicroTune` adapters are inserted after the chosen
+    layers, and the head is replaced when `num_classes` or `head` is given.
+    Because the adapters' residual branch starts at zero, the attached
+    model computes the same features as `model` until it is trained.
+
+    Adapter placement with `adapters="auto"`: after the last two top-level
+    layers before the head that end a feature block (ReLU/Activation, Add,
+    Concatenate, FeatureStage, or a nested backbone model) and are at most
+    256 channels wide; `groups` is reduced to `gcd(groups, width)` there. When
+    no such layer exists, one adapter of rank 8 goes on the features.
+
+    Head detection: a trailing chain of Dense, Dropout, Softmax, Activation,
+    Flatten, global pooling, EmbeddingStage and OutputStage layers is the old
+    head. With `num_classes`, it is replaced by
+    `EmbeddingStage("avg")` (or `EmbeddingStage(None)` on vector features)
+    and `OutputStage(num_classes)`. Without `num_classes` or `head`, the old
+    head is kept and stays trainable.
+
+    Args:
+        model: keras.Model. A built Sequential or Functional model.
+        num_classes: int or None. Classes of the new task. Defaults to `None`.
+        adapters: "auto", None, a layer name, or a list of layer names.
+            Defaults to `"auto"`.
+        groups: int. `MicroTune` groups. Defaults to `4`.
+        rank: int or None. `MicroTune` rank. Defaults to `None`.
+        freeze: bool. Freeze the backbone. Defaults to `True`.
+        head: keras.layers.Layer or None. A custom head applied to the
+            features instead of the default one. Defaults to `None`.
+
+    Returns:
+        A new Functional keras.Model.
+
+    Example:
+
+    >>> import keras
+    >>> import keras_microtune as kmt
+    >>> backbone = keras.Sequential([
+    ...     keras.Input((16, 3)),
+    ...     kmt.layers.FeatureStage([8, 16]),
+    ...     kmt.layers.EmbeddingStage(),
+    ...     kmt.layers.OutputStage(5),
+    ... ])
+    >>> model = kmt.attach(backbone, num_classes=3)
+    >>> model.output_shape
+    (None, 3)
+    """
+    _check_model(model)
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+    ):
+        raise ValueError(
+            "Received an invalid value for `num_classes`, expected None or a "
+            f"positive integer. Received: num_classes={num_classes!r}"
+        )
+    if head is not None and not callable(head):
+        raise TypeError(
+            "Received an invalid value for `head`, expected None or a Keras layer. "
+            f"Received: head of type {type(head).__name__}"
+        )
+    # Validate the adapter arguments once, before any copying.
+    MicroTune(groups=groups, rank=rank)
+    replace_head = num_classes is not None or head is not None
+    if replace_head and len(model.outputs) != 1:
+        raise ValueError(
+            "attach() can only replace the head of a single-output model. "
+            f"Received a model with {len(model.outputs)} outputs; pass "
+            "num_classes=None and head=None to add adapters only."
+        )
+
+    base = _as_functional(model)
+    old_head = _head_layers(base)
+    names, ranks = _resolve_adapters(adapters, base, old_head)
+    auto = adapters == "auto"
+    outputs_by_name = {}
+
+    def call_function(layer, *args, **kwargs):
+        out = layer(*args, **kwargs)
+        if layer.name in names:
+            width = _width(out)
+            layer_groups = math.gcd(groups, width) if auto else groups
+            out = MicroTune(
+                groups=layer_groups,
+                rank=ranks.get(layer.name, rank),
+                name=f"{layer.name}_microtune",
+            )(out)
+        outputs_by_name[layer.name] = out
+        return out
+
+    adapted = keras.models.clone_model(
+        base, clone_function=lambda layer: layer, call_function=call_function
+    )
+    head_names = {layer.name for layer in old_head}
+    for layer in adapted.layers:
+        if layer.name in head_names:
+            layer.trainable = not replace_head
+        elif not isinstance(layer, MicroTune):
+            layer.trainable = not freeze
+
+    if not replace_head:
+        return keras.Model(adapted.inputs, adapted.outputs, name=f"{model.name}_microtune")
+
+    features = adapted.outputs[0]
+    if old_head:
+        body = [layer for layer in base.layers if layer not in old_head]
+        features = outputs_by_name[body[-1].name]
+    if head is None:
+        pooling = None if len(features.shape) == 2 else "avg"
+        x = EmbeddingStage(pooling=pooling, name="embedding")(features)
+        outputs = OutputStage(num_classes, name="classifier")(x)
+    else:
+        outputs = head(features)
+    return keras.Model(adapted.inputs, outputs, name=f"{model.name}_microtune")

@@ -1,0 +1,1 @@
+"""Callbacks that adjust a fine-tuning parameter during `model.fit`."""

@@ -1,0 +1,1 @@
+"""Quantization-aware training, pruning and clustering for Keras 3."""
