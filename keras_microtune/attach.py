@@ -88,7 +88,9 @@ def _head_layers(model):
         return []
     head = []
     layers = [
-        layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)
+        layer
+        for layer in model.layers
+        if not isinstance(layer, keras.layers.InputLayer)
     ]
     while len(layers) > 1 and isinstance(layers[-1], HEAD_TYPES):
         # `_keras_history` names the layer that produced a symbolic tensor.
@@ -205,7 +207,9 @@ def attach(
     """
     _check_model(model)
     if num_classes is not None and (
-        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, int)
+        or num_classes < 1
     ):
         raise ValueError(
             "Received an invalid value for `num_classes`, expected None or a "
@@ -256,7 +260,9 @@ def attach(
             layer.trainable = not freeze
 
     if not replace_head:
-        return keras.Model(adapted.inputs, adapted.outputs, name=f"{model.name}_microtune")
+        return keras.Model(
+            adapted.inputs, adapted.outputs, name=f"{model.name}_microtune"
+        )
 
     features = adapted.outputs[0]
     if old_head:

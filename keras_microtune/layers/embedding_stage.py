@@ -86,7 +86,8 @@ class EmbeddingStage(keras.layers.Layer):
             raise ValueError(
                 f"EmbeddingStage with pooling={self.pooling!r} expects 3-D "
                 "(batch, steps, channels) or 4-D (batch, height, width, channels) "
-                f"inputs. Received: input_shape={input_shape}"
+                "inputs; use pooling=None for (batch, features) vectors. "
+                f"Received: input_shape={input_shape}"
             )
         if self.pooling in ("max", "flatten") and None in input_shape[1:]:
             raise ValueError(
@@ -97,7 +98,10 @@ class EmbeddingStage(keras.layers.Layer):
         width = self._pooled_width(input_shape)
         if self.units is not None:
             self.projection = keras.layers.Dense(
-                self.units, activation=self.activation, name="projection"
+                self.units,
+                activation=self.activation,
+                name="projection",
+                dtype=self.dtype_policy,
             )
             self.projection.build((input_shape[0], width))
 
@@ -128,7 +132,9 @@ class EmbeddingStage(keras.layers.Layer):
         return x
 
     def compute_output_shape(self, input_shape):
-        width = self.units if self.units is not None else self._pooled_width(input_shape)
+        width = (
+            self.units if self.units is not None else self._pooled_width(input_shape)
+        )
         return (input_shape[0], width)
 
     def get_config(self):

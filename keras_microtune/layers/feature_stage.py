@@ -114,17 +114,25 @@ class FeatureStage(keras.layers.Layer):
         self.pool_size = _positive_int("pool_size", pool_size)
         self.use_batchnorm = bool(use_batchnorm)
         self.stem_filters = (
-            None if stem_filters is None else _positive_int("stem_filters", stem_filters)
+            None
+            if stem_filters is None
+            else _positive_int("stem_filters", stem_filters)
         )
         self.depth_multiplier = _positive_int("depth_multiplier", depth_multiplier)
 
     def _act(self, name):
-        return keras.layers.ReLU(max_value=ACTIVATIONS[self.activation], name=name)
+        return keras.layers.ReLU(
+            max_value=ACTIVATIONS[self.activation], name=name, dtype=self.dtype_policy
+        )
 
     def _norm_act(self, name):
         layers = []
         if self.use_batchnorm:
-            layers.append(keras.layers.BatchNormalization(name=f"{name}_bn"))
+            layers.append(
+                keras.layers.BatchNormalization(
+                    name=f"{name}_bn", dtype=self.dtype_policy
+                )
+            )
         layers.append(self._act(f"{name}_act"))
         return layers
 
@@ -150,6 +158,7 @@ class FeatureStage(keras.layers.Layer):
                         padding="same",
                         use_bias=not self.use_batchnorm,
                         name="stem_conv",
+                        dtype=self.dtype_policy,
                     ),
                     *self._norm_act("stem"),
                 ]
@@ -163,10 +172,15 @@ class FeatureStage(keras.layers.Layer):
                     depth_multiplier=self.depth_multiplier,
                     use_bias=not self.use_batchnorm,
                     name=f"block{i}_dw",
+                    dtype=self.dtype_policy,
                 ),
                 *self._norm_act(f"block{i}_dw"),
                 keras.layers.Conv2D(
-                    filters, 1, use_bias=not self.use_batchnorm, name=f"block{i}_pw"
+                    filters,
+                    1,
+                    use_bias=not self.use_batchnorm,
+                    name=f"block{i}_pw",
+                    dtype=self.dtype_policy,
                 ),
                 *self._norm_act(f"block{i}_pw"),
             ]
@@ -177,7 +191,14 @@ class FeatureStage(keras.layers.Layer):
                     else keras.layers.AveragePooling2D
                 )
                 size = self._kernel(self.pool_size, self._one_d)
-                block.append(pool(size, padding="same", name=f"block{i}_pool"))
+                block.append(
+                    pool(
+                        size,
+                        padding="same",
+                        name=f"block{i}_pool",
+                        dtype=self.dtype_policy,
+                    )
+                )
             self._blocks.append(block)
         shape = tuple(input_shape)
         if self._one_d:

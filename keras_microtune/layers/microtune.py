@@ -138,7 +138,9 @@ class MicroTune(keras.layers.Layer):
                 regularizer=self.kernel_regularizer,
             )
         if self.use_bias:
-            self.bias = self.add_weight(name="bias", shape=(width,), initializer="zeros")
+            self.bias = self.add_weight(
+                name="bias", shape=(width,), initializer="zeros"
+            )
         else:
             self.bias = None
 

@@ -38,7 +38,9 @@ class OutputStage(keras.layers.Layer):
     (2, 3)
     """
 
-    def __init__(self, units, activation="softmax", dropout=0.0, use_bias=True, **kwargs):
+    def __init__(
+        self, units, activation="softmax", dropout=0.0, use_bias=True, **kwargs
+    ):
         super().__init__(**kwargs)
         if isinstance(units, bool) or not isinstance(units, int) or units < 1:
             raise ValueError(
@@ -60,9 +62,17 @@ class OutputStage(keras.layers.Layer):
         self.dropout = float(dropout)
         self.use_bias = bool(use_bias)
         self.dense = keras.layers.Dense(
-            units, activation=activation, use_bias=self.use_bias, name="dense"
+            units,
+            activation=activation,
+            use_bias=self.use_bias,
+            name="dense",
+            dtype=self.dtype_policy,
         )
-        self.dropout_layer = keras.layers.Dropout(self.dropout) if self.dropout else None
+        self.dropout_layer = (
+            keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
+            if self.dropout
+            else None
+        )
 
     def build(self, input_shape):
         if len(input_shape) != 2:
