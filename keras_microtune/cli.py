@@ -1,0 +1,155 @@
+"""`keras-microtune`: convert, inspect and list targets from the command line.
+
+Exit codes: 0 ok; 1 the model does not fit or verification failed; 2 bad input
+(one line on stderr; `--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _print_result(result, as_json: bool) -> int:
+    from keras_microtune.export import report as report_lib
+
+    if as_json:
+        print(json.dumps(result.report, indent=2))
+    else:
+        print(report_lib.text(result.report))
+    ok = result.fits and result.report["verified"]
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def cmd_convert(args) -> int:
+    from keras_microtune.export import convert
+
+    result = convert(
+        args.model,
+        args.target,
+        representative_data=args.calibration,
+        validation_data=args.validation,
+        output_dir=args.output,
+        overwrite=args.overwrite,
+        safe_mode=not args.unsafe_deserialization,
+        verbose=0 if args.json else 1,
+    )
+    return _print_result(result, args.json)
+
+
+def cmd_inspect(args) -> int:
+    from keras_microtune.export import inspect
+
+    return _print_result(inspect(args.model, target=args.target), args.json)
+
+
+def cmd_targets(args) -> int:
+    from keras_microtune.export import targets
+
+    rows = targets.table()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+
+    def size(n):
+        return "-" if n is None else f"{n // 1024} KiB"
+
+    header = ("name", "runtime", "quantization", "io", "RAM", "flash", "description")
+    table = [header] + [
+        (
+            r["name"],
+            r["runtime"],
+            r["quantization"],
+            r["io_dtype"],
+            size(r["ram_bytes"]),
+            size(r["flash_bytes"]),
+            r["description"],
+        )
+        for r in rows
+    ]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from keras_microtune import demo
+
+    demo.run(args.output)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="keras-microtune",
+        description="Convert Keras models to verified TFLite / TFLite Micro.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a model for a target")
+    p.add_argument("model", help=".keras, .h5 or SavedModel folder")
+    p.add_argument("--target", "-t", default="mcu", help="see `targets`")
+    p.add_argument("--calibration", help="representative inputs (.npz/.npy)")
+    p.add_argument("--validation", help="validation .npz (x, y) for parity")
+    p.add_argument("-o", "--output", help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace -o if not empty")
+    p.add_argument(
+        "--unsafe-deserialization",
+        action="store_true",
+        help="allow Lambda layers (runs code from the model file)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("inspect", help="report on an existing .tflite")
+    p.add_argument("model", help=".tflite file")
+    p.add_argument("--target", "-t", default=None, help="budgets to check")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("targets", help="list the targets")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(func=cmd_targets)
+
+    p = sub.add_parser("demo", help="run the end-to-end demo")
+    p.add_argument("-o", "--output", default="kmt_demo", help="output folder")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from keras_microtune.export.converter import DoesNotFitError, VerificationError
+
+    try:
+        return args.func(args)
+    except (DoesNotFitError, VerificationError) as e:
+        if args.debug:
+            raise
+        print(f"keras-microtune: {_one_line(e)}", file=sys.stderr)
+        return EXIT_FAILED
+    except (ValueError, TypeError, OSError, ImportError) as e:
+        if args.debug:
+            raise
+        print(f"keras-microtune: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("keras-microtune: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Load a model from an object or a path and trace it at batch 1 for conversion."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+_UNSAFE_LAYERS = ("Lambda",)
+
+
+def load(model, safe_mode: bool = True):
+    """Return `(callable model object, name)` from a model or a path.
+
+    `.keras` files load with Keras' `safe_mode`; legacy `.h5` files holding a
+    `Lambda` layer (marshalled Python code) are refused unless `safe_mode=False`.
+    SavedModel directories use their `serving_default` signature.
+    """
+    if not isinstance(model, (str, os.PathLike)):
+        if not callable(model):
+            raise TypeError(
+                "Received an invalid value for `model`, expected a Keras model, a "
+                f"tf_keras model or a path. Received: {type(model).__name__}"
+            )
+        return model, getattr(model, "name", "model")
+    path = os.fspath(model)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No such model file or directory: {path!r}")
+    name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+            raise ValueError(f"{path!r} is a directory but not a SavedModel.")
+        import tensorflow as tf
+
+        loaded = tf.saved_model.load(path)
+        if "serving_default" not in loaded.signatures:
+            raise ValueError(f"SavedModel {path!r} has no 'serving_default' signature.")
+        return _Signature(loaded), name
+    import keras
+
+    if path.endswith(".h5") or path.endswith(".hdf5"):
+        _check_h5(path, safe_mode)
+        return keras.saving.load_model(path, compile=False), name
+    if not path.endswith(".keras"):
+        raise ValueError(
+            f"Cannot load {path!r}: expected a .keras or .h5 file or a SavedModel "
+            "directory."
+        )
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=safe_mode), name
+    except ValueError as e:
+        if "safe_mode" in str(e) or "unsafe" in str(e).lower():
+            raise ValueError(
+                f"Refusing to load {path!r}: it contains a layer that needs unsafe "
+                "deserialization (such as a Lambda layer), which can run arbitrary "
+                "code. If you trust the file, pass safe_mode=False "
+                f"(CLI: --unsafe-deserialization). Keras said: {e}"
+            ) from None
+        raise
+
+
+def _check_h5(path, safe_mode):
+    if not safe_mode:
+        return
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            config = f.attrs.get("model_config")
+    except OSError as e:
+        raise ValueError(f"{path!r} is not a readable .h5 model: {e}") from None
+    if config is None:
+        raise ValueError(f"{path!r} holds no model configuration (weights only?).")
+    if isinstance(config, bytes):
+        config = config.decode("utf-8")
+    unsafe = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("class_name") in _UNSAFE_LAYERS:
+                unsafe.append(node.get("config", {}).get("name", "?"))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(json.loads(config))
+    if unsafe:
+        raise ValueError(
+            f"Refusing to load {path!r}: Lambda layer(s) {unsafe} hold marshalled "
+            "Python code that would run on load. If you trust the file, pass "
+            "safe_mode=False (CLI: --unsafe-deserialization)."
+        )
+
+
+class _Signature:
+    """A SavedModel's serving signature, callable like a model on a list of inputs."""
+
+    def __init__(self, loaded):
+        self._loaded = loaded  # Keep the variables alive.
+        self.signature = loaded.signatures["serving_default"]
+        specs = self.signature.structured_input_signature[1]
+        self.input_names = sorted(specs)
+        self.input_specs = [specs[k] for k in self.input_names]
+        self.name = "saved_model"
+
+    def __call__(self, inputs, training=False):
+        inputs = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+        out = self.signature(**dict(zip(self.input_names, inputs)))
+        values = [out[k] for k in sorted(out)]
+        return values[0] if len(values) == 1 else values
+
+
+def input_specs(model) -> list:
+    """Per-input `(shape without batch, dtype)` of a model."""
+    if isinstance(model, _Signature):
+        return [(tuple(s.shape[1:]), s.dtype.name) for s in model.input_specs]
+    try:
+        inputs = model.inputs
+    except AttributeError:
+        inputs = None
+    if not inputs:
+        raise ValueError(
+            f"Model {getattr(model, 'name', '?')!r} has no defined inputs. Build it "
+            "with keras.Input(shape=...) (or call it once on data) before converting."
+        )
+    out = []
+    for x in inputs:
+        shape = tuple(x.shape[1:])
+        dtype = getattr(x.dtype, "name", x.dtype)
+        out.append((shape, str(dtype)))
+    return out
+
+
+def trace(model, specs):
+    """Trace the model at batch 1 with static shapes; return the concrete function.
+
+    Raises a ValueError if a non-batch dimension is unknown (None), since TFLite
+    Micro needs static shapes.
+    """
+    import tensorflow as tf
+
+    tensor_specs = []
+    for i, (shape, dtype) in enumerate(specs):
+        if any(d is None for d in shape):
+            raise ValueError(
+                f"Input {i} has shape (None, {', '.join(map(str, shape))}): only the "
+                "batch axis may be unknown. Give every other axis a size."
+            )
+        tensor_specs.append(tf.TensorSpec((1, *shape), dtype, name=f"input_{i}"))
+
+    def call(*args):
+        out = model(list(args) if len(args) > 1 else args[0], training=False)
+        return out
+
+    return tf.function(call).get_concrete_function(*tensor_specs)
+
+
+def graph_op_types(concrete) -> set[str]:
+    """TensorFlow op types in a traced function, including nested functions."""
+    types = {op.type for op in concrete.graph.get_operations()}
+    for fn in concrete.graph.as_graph_def().library.function:
+        types.update(node.op for node in fn.node_def)
+    return types
+
+
+def is_quantization_aware(concrete) -> bool:
+    """True when the graph holds fake-quant ops (QAT): ranges are already known."""
+    return any(t.startswith("FakeQuant") for t in graph_op_types(concrete))
+
+
+def predict(model, xs: list[np.ndarray], batch_size: int = 64) -> list[np.ndarray]:
+    """Float outputs of the source model, as a list (one array per output)."""
+    outs = []
+    for start in range(0, len(xs[0]), batch_size):
+        batch = [x[start : start + batch_size] for x in xs]
+        y = model(batch if len(batch) > 1 else batch[0], training=False)
+        if isinstance(y, dict):
+            y = [y[k] for k in sorted(y)]
+        elif not isinstance(y, (list, tuple)):
+            y = [y]
+        outs.append([np.asarray(v) for v in y])
+    return [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]

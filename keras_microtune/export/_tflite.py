@@ -1,0 +1,268 @@
+"""Read, check and strip TFLite flatbuffers without running them.
+
+Parsing is bounded: every index, offset and vector length is checked against the
+file before it is used, so a hostile file fails with `InvalidModelError` (a
+ValueError) instead of crashing or allocating what its header claims.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+# TensorType enum value -> (name, bytes per element; 0.5 for int4).
+_TYPES = {
+    0: ("float32", 4),
+    1: ("float16", 2),
+    2: ("int32", 4),
+    3: ("uint8", 1),
+    4: ("int64", 8),
+    5: ("string", 1),
+    6: ("bool", 1),
+    7: ("int16", 2),
+    8: ("complex64", 8),
+    9: ("int8", 1),
+    10: ("float64", 8),
+    11: ("complex128", 16),
+    12: ("uint64", 8),
+    13: ("resource", 0),
+    14: ("variant", 0),
+    15: ("uint32", 4),
+    16: ("uint16", 2),
+    17: ("int4", 0.5),
+    18: ("bfloat16", 2),
+}
+_KEEP_METADATA = ("OfflineMemoryAllocation",)
+
+
+class InvalidModelError(ValueError):
+    """The bytes are not a valid TFLite model (empty, truncated, corrupted)."""
+
+
+@dataclasses.dataclass
+class TensorInfo:
+    index: int
+    name: str
+    dtype: str
+    shape: tuple
+    constant: bool
+
+    @property
+    def nbytes(self) -> int:
+        size = _itemsize(self.dtype)
+        return int(np.ceil(int(np.prod(self.shape, dtype=np.int64)) * size))
+
+
+@dataclasses.dataclass
+class ModelInfo:
+    """What a .tflite holds: ops in execution order and tensors (subgraph 0)."""
+
+    size_bytes: int
+    op_sequence: list  # [(op name, input tensor ids, output tensor ids)]
+    tensors: list
+    inputs: list
+    outputs: list
+    num_subgraphs: int
+    has_signatures: bool
+    metadata: list
+
+    @property
+    def ops(self) -> list[str]:
+        return sorted({name for name, _, _ in self.op_sequence})
+
+
+def _itemsize(dtype):
+    return next(size for name, size in _TYPES.values() if name == dtype)
+
+
+def _schema():
+    from tensorflow.lite.python import schema_py_generated
+
+    return schema_py_generated
+
+
+def op_names() -> dict[int, str]:
+    ops = _schema().BuiltinOperator
+    return {v: k for k, v in vars(ops).items() if not k.startswith("_")}
+
+
+def _vec(length, n, limit, what):
+    if n < 0 or n * 4 > limit:
+        raise InvalidModelError(f"{what} claims {n} entries, more than the file holds.")
+    return n
+
+
+def parse(data: bytes) -> ModelInfo:
+    """Parse and check `data`; raise `InvalidModelError` when it is not a model."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"Expected bytes, received {type(data).__name__}.")
+    data = bytes(data)
+    if len(data) == 0:
+        raise InvalidModelError("The model is empty (0 bytes).")
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise InvalidModelError(
+            "Not a TFLite model: the file identifier 'TFL3' is missing "
+            f"(size {len(data)} bytes)."
+        )
+    try:
+        return _parse(data)
+    except InvalidModelError:
+        raise
+    except Exception as e:  # struct.error, IndexError, ValueError from numpy...
+        raise InvalidModelError(
+            f"Corrupted or truncated TFLite model ({len(data)} bytes): "
+            f"{type(e).__name__}: {e}"
+        ) from None
+
+
+def _parse(data):
+    schema = _schema()
+    size = len(data)
+    model = schema.Model.GetRootAs(data, 0)
+    names = op_names()
+    n_buffers = _vec(0, model.BuffersLength(), size, "buffers")
+    n_codes = _vec(0, model.OperatorCodesLength(), size, "operator codes")
+    codes = []
+    for i in range(n_codes):
+        code = model.OperatorCodes(i)
+        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+        name = names.get(builtin, f"UNKNOWN_{builtin}")
+        if name == "CUSTOM":
+            custom = code.CustomCode()
+            name = "CUSTOM:" + (custom.decode("utf-8", "replace") if custom else "?")
+        codes.append(name)
+    buffer_sizes = []
+    for i in range(n_buffers):
+        buf = model.Buffers(i)
+        offset, length = buf.Offset(), buf.Size()
+        if offset > 1 and offset + length > size:
+            raise InvalidModelError(f"Buffer {i} points past the end of the file.")
+        buffer_sizes.append(length if offset > 1 else buf.DataLength())
+    n_sub = model.SubgraphsLength()
+    if n_sub < 1 or n_sub * 4 > size:
+        raise InvalidModelError(f"The model declares {n_sub} subgraphs.")
+    sub = model.Subgraphs(0)
+    n_tensors = _vec(0, sub.TensorsLength(), size, "tensors")
+    tensors = []
+    for j in range(n_tensors):
+        t = sub.Tensors(j)
+        if t.Type() not in _TYPES:
+            raise InvalidModelError(f"Tensor {j} has unknown type {t.Type()}.")
+        shape = tuple(int(d) for d in t.ShapeAsNumpy()) if t.ShapeLength() else ()
+        if any(d < 0 for d in shape):
+            raise InvalidModelError(f"Tensor {j} has a negative dimension {shape}.")
+        if t.Buffer() >= max(n_buffers, 1):
+            raise InvalidModelError(f"Tensor {j} refers to missing buffer.")
+        name = (t.Name() or b"").decode("utf-8", "replace")
+        constant = bool(n_buffers and buffer_sizes[t.Buffer()] > 0)
+        tensors.append(TensorInfo(j, name, _TYPES[t.Type()][0], shape, constant))
+
+    def ids(v, what):
+        out = [int(i) for i in v] if not isinstance(v, int) else []
+        if any(i < -1 or i >= n_tensors for i in out):
+            raise InvalidModelError(f"{what} refers to a tensor that does not exist.")
+        return out
+
+    ops = []
+    for k in range(_vec(0, sub.OperatorsLength(), size, "operators")):
+        op = sub.Operators(k)
+        if op.OpcodeIndex() >= n_codes:
+            raise InvalidModelError(f"Operator {k} has an unknown opcode index.")
+        ins = ids(op.InputsAsNumpy(), f"Operator {k}")
+        outs = ids(op.OutputsAsNumpy(), f"Operator {k}")
+        ops.append((codes[op.OpcodeIndex()], ins, outs))
+    metadata = []
+    for i in range(_vec(0, model.MetadataLength(), size, "metadata")):
+        metadata.append((model.Metadata(i).Name() or b"").decode("utf-8", "replace"))
+    return ModelInfo(
+        size_bytes=size,
+        op_sequence=ops,
+        tensors=tensors,
+        inputs=ids(sub.InputsAsNumpy(), "Subgraph inputs"),
+        outputs=ids(sub.OutputsAsNumpy(), "Subgraph outputs"),
+        num_subgraphs=n_sub,
+        has_signatures=model.SignatureDefsLength() > 0,
+        metadata=metadata,
+    )
+
+
+def activation_lower_bound(info: ModelInfo) -> int:
+    """Max over ops of the bytes of non-constant tensors live at that op."""
+    n = len(info.op_sequence)
+    first, last = {}, {}
+    for t in info.inputs:
+        first[t] = 0
+    for i, (_, ins, outs) in enumerate(info.op_sequence):
+        for t in outs:
+            first.setdefault(t, i)
+        for t in ins:
+            if t >= 0:
+                last[t] = i
+    for t in info.outputs:
+        last[t] = n
+    best = 0
+    for i in range(max(n, 1)):
+        live = [
+            t
+            for t in first
+            if not info.tensors[t].constant and first[t] <= i <= last.get(t, first[t])
+        ]
+        best = max(best, sum(info.tensors[t].nbytes for t in live))
+    return best
+
+
+class _AlignedBuffer:
+    """Packs a buffer's data 16-byte aligned, as TFLite Micro expects."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def Pack(self, builder):  # noqa: N802 - flatbuffers object API name
+        schema = _schema()
+        data = None
+        if self.data is not None and len(self.data):
+            raw = np.asarray(self.data, dtype=np.uint8).tobytes()
+            builder.StartVector(1, len(raw), 16)
+            builder.head = builder.head - len(raw)
+            builder.Bytes[builder.head : builder.head + len(raw)] = raw
+            builder.vectorNumElems = len(raw)
+            data = builder.EndVector()
+        schema.BufferStart(builder)
+        if data is not None:
+            schema.BufferAddData(builder, data)
+        return schema.BufferEnd(builder)
+
+
+def strip(data: bytes) -> bytes:
+    """Remove tensor/subgraph names, signatures, description and metadata.
+
+    The metadata TFLite Micro reads (`OfflineMemoryAllocation`) is kept. Weights,
+    graph and quantization are untouched, so outputs stay bit-identical.
+    """
+    import flatbuffers
+
+    schema = _schema()
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(bytes(data), 0))
+    if any(b.offset > 1 for b in model.buffers or []):
+        return bytes(data)  # >2 GB layout: leave as is.
+    model.description = None
+    model.signatureDefs = None
+    for sub in model.subgraphs:
+        sub.name = None
+        for t in sub.tensors:
+            t.name = None
+    kept, dropped = [], set()
+    for m in model.metadata or []:
+        name = m.name.decode() if isinstance(m.name, bytes) else m.name
+        (kept.append(m) if name in _KEEP_METADATA else dropped.add(m.buffer))
+    dropped -= {m.buffer for m in kept}
+    model.metadata = kept or None
+    model.metadataBuffer = None
+    model.buffers = [
+        _AlignedBuffer(None if i in dropped else b.data)
+        for i, b in enumerate(model.buffers)
+    ]
+    builder = flatbuffers.Builder(len(data) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())

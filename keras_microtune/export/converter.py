@@ -1,0 +1,361 @@
+"""`kmt.convert`: Keras model -> verified TFLite for a named target."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import numpy as np
+
+from keras_microtune import data as kmt_data
+from keras_microtune.export import _model, _tflite, codegen, parity, runtimes
+from keras_microtune.export import report as report_lib
+from keras_microtune.export import targets as targets_lib
+
+# Ops that must never reach a microcontroller model.
+_MCU_FORBIDDEN = {
+    "VAR_HANDLE",
+    "READ_VARIABLE",
+    "ASSIGN_VARIABLE",
+    "WHILE",
+    "CALL_ONCE",
+}
+_MAX_CALIBRATION = 1000
+
+
+class DoesNotFitError(RuntimeError):
+    """`strict=True` and the model exceeds the target's RAM or flash."""
+
+
+class VerificationError(RuntimeError):
+    """`strict=True` and TFLite Micro disagrees with LiteRT's reference kernels."""
+
+
+@dataclasses.dataclass
+class ConversionResult:
+    """A converted model, its measured figures and its report.
+
+    Attributes:
+        tflite: bytes. The model as deployed.
+        report: dict. Everything measured (see `report.json`).
+    """
+
+    tflite: bytes
+    report: dict
+    name: str = "model"
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.tflite)
+
+    @property
+    def arena_bytes(self) -> int | None:
+        """Tensor arena measured in TFLite Micro (None for LiteRT targets)."""
+        return self.report["memory"].get("arena_bytes")
+
+    @property
+    def ops(self) -> list[str]:
+        return list(self.report["ops"])
+
+    @property
+    def parity(self) -> dict | None:
+        return self.report["parity"]
+
+    @property
+    def fits(self) -> bool:
+        return bool(self.report["budget"]["fits"])
+
+    def files(self) -> dict[str, bytes]:
+        """The artifacts `save` writes, by file name."""
+        out = {"model.tflite": self.tflite}
+        if self.report["target"]["runtime"] == "tflm":
+            generated = codegen.files(
+                self.tflite, self.name, self.ops, self.arena_bytes
+            )
+            out.update({k: v.encode() for k, v in generated.items()})
+        out["report.json"] = json.dumps(self.report, indent=2).encode()
+        out["report.md"] = report_lib.markdown(self.report).encode()
+        return out
+
+    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> str:
+        """Write the artifacts into `directory` atomically; return its real path.
+
+        Files go to a temporary folder beside `directory` that is renamed into
+        place at the end: on any failure the destination is left as it was.
+
+        Raises:
+            FileExistsError: `directory` exists, is not empty, and not `overwrite`.
+        """
+        return save_files(self.files(), directory, overwrite)
+
+
+def save_files(files: dict[str, bytes], directory, overwrite: bool = False) -> str:
+    dest = os.path.realpath(os.fspath(directory))
+    if os.path.exists(dest):
+        if not os.path.isdir(dest):
+            raise FileExistsError(f"Output path {dest!r} exists and is not a folder.")
+        if os.listdir(dest) and not overwrite:
+            raise FileExistsError(
+                f"Output folder {dest!r} is not empty; pass overwrite=True "
+                "(CLI: --overwrite) to replace it."
+            )
+    parent = os.path.dirname(dest)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".kmt_tmp_", dir=parent)
+    backup = None
+    try:
+        for name, content in files.items():
+            if os.path.basename(name) != name:
+                raise ValueError(f"Refusing to write outside the folder: {name!r}")
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(content)
+        if os.path.exists(dest):
+            backup = tempfile.mkdtemp(prefix=".kmt_old_", dir=parent)
+            os.rmdir(backup)
+            os.rename(dest, backup)
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if backup and not os.path.exists(dest):
+            os.rename(backup, dest)
+        raise
+    if backup:
+        shutil.rmtree(backup, ignore_errors=True)
+    return dest
+
+
+def _tflite_convert(model, concrete, target, rep, qat, verbose):
+    import tensorflow as tf
+
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
+    conv.experimental_lower_to_saved_model = False  # Freezes variables.
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if target.quantization == "int8":
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        if rep is not None or not qat:
+            # QAT without calibration data: TFLite checks for fake-quant ops only
+            # with the generic op set; the MCU op check below still applies.
+            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if rep is not None:
+            conv.representative_dataset = _representative(rep, verbose)
+        if target.io_dtype == "int8":
+            conv.inference_input_type = tf.int8
+            conv.inference_output_type = tf.int8
+    elif target.quantization == "float16":
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.target_spec.supported_types = [tf.float16]
+    elif target.quantization == "dynamic":
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    try:
+        return conv.convert()
+    except Exception as e:  # ConverterError and friends.
+        message = str(e)
+        tf_ops = sorted(set(re.findall(r"'tf\.(\w+)'", message)))
+        layers = _layers_with_ops(model, set(tf_ops))
+        first = next((ln for ln in message.splitlines() if "rror" in ln), message)
+        raise ValueError(
+            f"The model cannot be converted to builtin TFLite ops for target "
+            f"{target.name!r}. Unsupported TensorFlow ops: {tf_ops or 'unknown'}; "
+            f"layers involved: {layers or 'unknown'}. Replace these layers with "
+            f"ones TFLite supports natively. Converter said: {first.strip()[:400]}"
+        ) from None
+
+
+def _layers_with_ops(model, tf_ops: set) -> list[str]:
+    """Names of the model's layers whose traced graph holds one of `tf_ops`."""
+    import tensorflow as tf
+
+    found = []
+    for layer in getattr(model, "layers", []) if tf_ops else []:
+        try:
+            inputs = layer.input if isinstance(layer.input, list) else [layer.input]
+            specs = [tf.TensorSpec((1, *t.shape[1:]), t.dtype) for t in inputs]
+            fn = tf.function(functools.partial(_call_layer, layer))
+            graph_ops = _model.graph_op_types(fn.get_concrete_function(*specs))
+        except Exception:  # Attribution is best effort; the error is raised anyway.
+            continue
+        if graph_ops & tf_ops:
+            found.append(layer.name)
+    return found
+
+
+def _call_layer(layer, *args):
+    return layer(args[0] if len(args) == 1 else list(args))
+
+
+def _representative(xs, verbose):
+    def gen():
+        import keras
+
+        n = min(len(xs[0]), _MAX_CALIBRATION)
+        bar = keras.utils.Progbar(n, unit_name="sample") if verbose else None
+        for i in range(n):
+            yield [x[i : i + 1] for x in xs]
+            if bar:
+                bar.update(i + 1)
+
+    return gen
+
+
+def convert(
+    model,
+    target: str | targets_lib.Target = "mcu",
+    representative_data=None,
+    validation_data=None,
+    output_dir: str | os.PathLike | None = None,
+    compression: str | None = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    safe_mode: bool = True,
+    verbose: int = 1,
+) -> ConversionResult:
+    """Convert a model for `target`, run it on the real runtimes, and measure it.
+
+    Args:
+        model: a Keras 3 model, a tf_keras model, or a path (`.keras`, `.h5`,
+            SavedModel folder).
+        target: str or Target. See `kmt.targets.available()`. Defaults to `"mcu"`.
+        representative_data: calibration inputs (array, `(x, y)`, tf.data.Dataset,
+            generator, or `.npz` path). Required for int8 targets unless the
+            model was trained with quantization-aware training.
+        validation_data: the same forms; parity against the float model is
+            measured on it (else on calibration samples).
+        output_dir: str or None. If given, `result.save(output_dir)` is called.
+        compression: None. Reserved for TFLite Micro weight compression.
+        strict: bool. Raise instead of returning `fits=False` / unverified.
+        overwrite: bool. Allow replacing a non-empty `output_dir`.
+        safe_mode: bool. Keras safe deserialization for model files.
+        verbose: int. 1 shows a calibration progress bar; 0 is silent.
+
+    Returns:
+        A `ConversionResult`.
+
+    Example:
+        >>> result = kmt.convert(model, "cortex-m4", representative_data=x_calib)
+        >>> result.arena_bytes, result.fits
+    """
+    target = targets_lib.get(target)
+    if compression is not None:
+        raise ValueError(
+            "Received an invalid value for `compression`, expected None (weight "
+            f"compression is not available yet). Received: compression={compression!r}"
+        )
+    source, name = _model.load(model, safe_mode=safe_mode)
+    specs = _model.input_specs(source)
+    shapes = [shape for shape, _ in specs]
+    concrete = _model.trace(source, specs)
+    qat = _model.is_quantization_aware(concrete)
+    rep = val = y_val = None
+    if representative_data is not None:
+        rep, _ = kmt_data.as_arrays(representative_data, shapes, "representative_data")
+    if validation_data is not None:
+        val, y_val = kmt_data.as_arrays(validation_data, shapes, "validation_data")
+    if target.quantization == "int8" and rep is None and not qat:
+        raise ValueError(
+            f"Target {target.name!r} quantizes to int8 and needs "
+            "`representative_data` (a few hundred typical inputs) to calibrate, "
+            "unless the model was trained with quantization-aware training "
+            "(kmt.optimize.quantize_model)."
+        )
+    converted = _tflite_convert(source, concrete, target, rep, qat, verbose)
+    tflite, saved = converted, 0
+    info = _tflite.parse(tflite)
+    if target.is_mcu:
+        _check_mcu_ops(info, target)
+        tflite = _tflite.strip(converted)
+        saved = len(converted) - len(tflite)
+        info = _tflite.parse(tflite)
+    result = _measure(tflite, info, target, name, converted_bytes=converted)
+    x_eval = val if val is not None else rep
+    if x_eval is None:  # QAT without data: seeded random inputs in a typical range.
+        rng = np.random.default_rng(0)
+        x_eval = [rng.uniform(-1, 1, (8, *s)).astype("float32") for s in shapes]
+    result.report["parity"] = parity.measure(
+        source, tflite, target, x_eval, y_val, result.arena_bytes
+    )
+    result.report["parity"]["data"] = (
+        "validation_data"
+        if val is not None
+        else "representative_data"
+        if rep is not None
+        else "random"
+    )
+    result.report["conversion"] = {
+        "quantization": target.quantization,
+        "io_dtype": target.io_dtype,
+        "quantization_aware_training": qat,
+        "calibration_samples": 0 if rep is None else min(len(rep[0]), _MAX_CALIBRATION),
+        "batch_size": 1,
+    }
+    result.report["stripped_bytes_saved"] = saved
+    result.report["verified"] = bool(result.parity.get("tflm_matches_litert", True))
+    _enforce(result, strict)
+    if output_dir is not None:
+        result.save(output_dir, overwrite=overwrite)
+    return result
+
+
+def _check_mcu_ops(info, target):
+    bad = sorted(
+        op for op in info.ops if op in _MCU_FORBIDDEN or op.startswith("CUSTOM")
+    )
+    float_io = [
+        info.tensors[t].dtype
+        for t in info.inputs + info.outputs
+        if info.tensors[t].dtype != "int8"
+    ]
+    if bad or float_io:
+        raise ValueError(
+            f"The converted model cannot run on {target.name!r} (TFLite Micro, int8): "
+            f"ops {bad}, non-int8 inputs/outputs {float_io}."
+        )
+
+
+def _measure(tflite, info, target, name, converted_bytes=None):
+    """Arena (TFLM), Vela, lower bound and budgets -> a ConversionResult."""
+    lower = _tflite.activation_lower_bound(info)
+    arena = None
+    if target.is_mcu:
+        try:
+            arena = runtimes.measure_arena(tflite, lower)
+        except runtimes.RuntimeFailure as e:
+            raise ValueError(
+                f"TFLite Micro cannot run this model (ops: {info.ops}): {e}"
+            ) from None
+    vela = None
+    if target.accelerator:
+        from keras_microtune.export import vela as vela_lib
+
+        vela = vela_lib.compile_model(tflite, target.accelerator)
+    report = report_lib.build(
+        target=target,
+        info=info,
+        size_bytes=len(tflite),
+        bytes_saved=0,
+        arena=arena,
+        lower_bound=lower,
+        parity=None,
+        vela=vela,
+        conversion={"quantization": target.quantization},
+        tensor_arena_size=codegen.arena_size(arena["arena_bytes"]) if arena else None,
+    )
+    return ConversionResult(tflite=tflite, report=report, name=str(name))
+
+
+def _enforce(result, strict):
+    if not strict:
+        return
+    if not result.fits:
+        raise DoesNotFitError(
+            "The model does not fit: " + "; ".join(result.report["budget"]["problems"])
+        )
+    if not result.report["verified"]:
+        raise VerificationError(
+            "TFLite Micro outputs differ from LiteRT's reference kernels: "
+            f"{result.parity}"
+        )

@@ -1,0 +1,65 @@
+"""`kmt.inspect`: the conversion report for an existing `.tflite`."""
+
+from __future__ import annotations
+
+import os
+
+from keras_microtune.export import _tflite
+from keras_microtune.export import targets as targets_lib
+from keras_microtune.export._tflite import InvalidModelError
+
+MAX_MODEL_BYTES = 1 << 31  # Flatbuffers address at most 2 GiB.
+
+__all__ = ["InvalidModelError", "inspect"]
+
+
+def _read(path_or_bytes) -> tuple[bytes, str]:
+    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+        return bytes(path_or_bytes), "model"
+    if not isinstance(path_or_bytes, (str, os.PathLike)):
+        raise TypeError(
+            "Received an invalid value for `path_or_bytes`, expected a path or "
+            f"bytes. Received: {type(path_or_bytes).__name__}"
+        )
+    path = os.fspath(path_or_bytes)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No such .tflite file: {path!r}")
+    if os.path.getsize(path) > MAX_MODEL_BYTES:
+        raise InvalidModelError(f"{path!r} is larger than 2 GiB: not a TFLite model.")
+    with open(path, "rb") as f:
+        return f.read(), os.path.splitext(os.path.basename(path))[0]
+
+
+def inspect(path_or_bytes, target: str | targets_lib.Target | None = None):
+    """Measure an existing `.tflite` as `convert` does (without parity).
+
+    Args:
+        path_or_bytes: str, PathLike or bytes. The model.
+        target: str, Target or None. Budgets to check. None picks `"mcu"` for a
+            model with int8 inputs and outputs, else `"float32"` (no budgets).
+
+    Returns:
+        A `ConversionResult` whose `parity` is None.
+
+    Raises:
+        InvalidModelError: (a ValueError) the data is empty, truncated,
+            corrupted or not a TFLite model, or TFLite Micro cannot run it. The
+            TFLite Micro interpreter runs in a child process, so a hostile file
+            cannot crash the caller.
+    """
+    from keras_microtune.export import converter, runtimes
+
+    data, name = _read(path_or_bytes)
+    info = _tflite.parse(data)
+    if target is None:
+        io = [info.tensors[t].dtype for t in info.inputs + info.outputs]
+        target = "mcu" if io and all(d == "int8" for d in io) else "float32"
+    target = targets_lib.get(target)
+    try:
+        result = converter._measure(data, info, target, name)
+    except ValueError as e:
+        raise InvalidModelError(str(e)) from None
+    except runtimes.RuntimeFailure as e:
+        raise InvalidModelError(f"TFLite Micro cannot run the model: {e}") from None
+    result.report["conversion"] = {"quantization": target.quantization, "source": name}
+    return result

@@ -1,0 +1,205 @@
+"""Run converted models in LiteRT and in TFLite Micro, and size TFLM's arena.
+
+TFLite Micro runs in a child process (`_tflm_worker.py`): a model that makes it
+crash (small arenas have been seen to segfault) cannot take the caller down.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+from keras_microtune.export import _tflite
+
+_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_tflm_worker.py")
+_MAX_ARENA = 1 << 30
+
+
+class RuntimeFailure(RuntimeError):
+    """A runtime could not load or run the model."""
+
+
+def io_details(tflite: bytes) -> tuple[list[dict], list[dict]]:
+    """LiteRT's input and output details (dtype, shape, quantization)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=bytes(tflite))
+    return interp.get_input_details(), interp.get_output_details()
+
+
+def quantize(x: np.ndarray, detail: dict) -> np.ndarray:
+    """Float input -> what the model's input tensor takes (int8 or float)."""
+    dtype = np.dtype(detail["dtype"])
+    scale, zero = detail["quantization"]
+    if np.issubdtype(dtype, np.integer) and scale:
+        info = np.iinfo(dtype)
+        q = np.round(x / scale) + zero
+        return np.clip(q, info.min, info.max).astype(dtype)
+    return x.astype(dtype)
+
+
+def dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
+    """A model output tensor -> float32."""
+    scale, zero = detail["quantization"]
+    if np.issubdtype(np.dtype(detail["dtype"]), np.integer) and scale:
+        return ((y.astype("float32") - zero) * scale).astype("float32")
+    return y.astype("float32")
+
+
+def litert_run(tflite: bytes, inputs: list[np.ndarray], reference: bool = False):
+    """Run each sample (batch 1) in LiteRT; return raw outputs per output tensor.
+
+    Args:
+        tflite: bytes. The model.
+        inputs: list of arrays `(N, ...)` already in the input tensors' dtypes.
+        reference: bool. Use LiteRT's reference kernels (bit-exact with TFLite
+            Micro) instead of the optimized ones (XNNPACK).
+    """
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    kwargs = {}
+    if reference:
+        kwargs["experimental_op_resolver_type"] = OpResolverType.BUILTIN_REF
+    try:
+        interp = Interpreter(model_content=bytes(tflite), **kwargs)
+        interp.allocate_tensors()
+    except (ValueError, RuntimeError) as e:
+        raise RuntimeFailure(f"LiteRT could not load the model: {e}") from None
+    ins, outs = interp.get_input_details(), interp.get_output_details()
+    results = [[] for _ in outs]
+    for s in range(len(inputs[0])):
+        for detail, x in zip(ins, inputs):
+            sample = x[s : s + 1]
+            if tuple(detail["shape"]) != sample.shape:
+                interp.resize_tensor_input(detail["index"], sample.shape)
+                interp.allocate_tensors()
+            interp.set_tensor(detail["index"], sample)
+        interp.invoke()
+        for k, detail in enumerate(outs):
+            results[k].append(interp.get_tensor(detail["index"]).copy())
+    return [np.concatenate(r) for r in results]
+
+
+# Run the worker file by path without putting its folder on sys.path (where
+# `inspect.py` would shadow the standard library's `inspect`).
+_LAUNCH = (
+    "import runpy, sys; path = sys.argv[1]; sys.argv = sys.argv[1:]; "
+    "runpy.run_path(path, run_name='__main__')"
+)
+
+
+def _worker(args, timeout):
+    cwd = os.path.dirname(str(args[1]))  # The private temporary folder.
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _LAUNCH, _WORKER, *map(str, args)],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeFailure(f"TFLite Micro did not finish in {timeout} s.") from None
+    return proc
+
+
+def _error_lines(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    keep = [ln for ln in lines if "Error" in ln or "op" in ln.lower()][-3:]
+    return "; ".join(keep or lines[-3:])
+
+
+def _zeros(info: _tflite.ModelInfo) -> dict:
+    return {
+        f"in{i}": np.zeros(info.tensors[t].shape, info.tensors[t].dtype)
+        for i, t in enumerate(info.inputs)
+    }
+
+
+def tflm_run(tflite: bytes, inputs: list[np.ndarray], arena_bytes: int, timeout=600):
+    """Run each sample in the TFLite Micro interpreter (in a child process)."""
+    info = _tflite.parse(tflite)
+    with tempfile.TemporaryDirectory(prefix="kmt_tflm_") as tmp:
+        model_path, in_path = os.path.join(tmp, "m.tflite"), os.path.join(tmp, "i.npz")
+        out_path = os.path.join(tmp, "o.npz")
+        with open(model_path, "wb") as f:
+            f.write(tflite)
+        np.savez(in_path, **{f"in{i}": x for i, x in enumerate(inputs)})
+        proc = _worker(
+            ["run", model_path, arena_bytes, len(info.outputs), in_path, out_path],
+            timeout,
+        )
+        if proc.returncode != 0:
+            raise RuntimeFailure(
+                f"TFLite Micro failed (exit code {proc.returncode}): "
+                f"{_error_lines(proc.stderr + proc.stdout)}"
+            )
+        with np.load(out_path, allow_pickle=False) as out:
+            return [out[f"out{k}"] for k in range(len(info.outputs))]
+
+
+def measure_arena(tflite: bytes, lower_bound: int = 0, timeout=600) -> dict:
+    """Smallest tensor arena (16-byte steps) with which TFLite Micro allocates
+    and invokes the model, found by bisection in a child process.
+
+    Returns:
+        dict with `arena_bytes`, and `head_bytes`/`tail_bytes` from TFLite Micro's
+        recording allocator.
+
+    Raises:
+        RuntimeFailure: TFLite Micro cannot run the model at any arena size
+            (e.g. an op it does not implement); the message gives its reason.
+    """
+    info = _tflite.parse(tflite)
+    low = max(0, lower_bound // 16 * 16 - 16)
+    high = max(64 * 1024, 2 * lower_bound + 16 * 1024)
+    with tempfile.TemporaryDirectory(prefix="kmt_tflm_") as tmp:
+        model_path, in_path = os.path.join(tmp, "m.tflite"), os.path.join(tmp, "i.npz")
+        with open(model_path, "wb") as f:
+            f.write(tflite)
+        np.savez(in_path, **_zeros(info))
+        for _attempt in range(64):
+            proc = _worker(["arena", model_path, low, high, in_path], timeout)
+            result = None
+            for line in proc.stdout.splitlines():
+                parts = line.split()
+                if parts[:1] == ["probe"]:
+                    size = int(parts[1])
+                    low, high = (low, size) if parts[2] == "ok" else (size, high)
+                elif parts[:1] == ["result"]:
+                    result = parts[1:]
+            if result and result[0] == "none":
+                if high >= _MAX_ARENA:
+                    raise RuntimeFailure(
+                        "TFLite Micro cannot run this model: "
+                        f"{_error_lines(proc.stderr + proc.stdout)}"
+                    )
+                low, high = high, high * 4
+                continue
+            if result is None:  # The child died (crash): skip the probe it was on.
+                low = (low + high) // 2 // 16 * 16
+                if high - low <= 16:
+                    raise RuntimeFailure(
+                        f"TFLite Micro crashed (exit code {proc.returncode}): "
+                        f"{_error_lines(proc.stderr)}"
+                    )
+                continue
+            return {
+                "arena_bytes": int(result[0]),
+                **_recording(proc.stdout + proc.stderr),
+            }
+    raise RuntimeFailure("TFLite Micro arena search did not converge.")
+
+
+def _recording(stdout: str) -> dict:
+    out = {}
+    for line in stdout.splitlines():
+        for key in ("total", "head", "tail"):
+            marker = f"Arena allocation {key} "
+            if marker in line:
+                out[f"{key}_bytes"] = int(line.split(marker)[1].split()[0])
+    return out
