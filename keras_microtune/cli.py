@@ -79,10 +79,31 @@ def cmd_targets(args) -> int:
     return EXIT_OK
 
 
+def cmd_evaluate(args) -> int:
+    from keras_microtune.export.evaluate import evaluate
+
+    metrics = evaluate(args.model, args.data, runtime=args.runtime, verbose=0)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return EXIT_OK
+    for key, value in metrics.items():
+        if key == "confusion_matrix":
+            print("confusion_matrix (rows: true, columns: predicted):")
+            for row in value:
+                print("  " + " ".join(f"{v:5d}" for v in row))
+        elif isinstance(value, list):
+            print(f"{key}: " + " ".join(f"{v:.4f}" for v in value))
+        elif isinstance(value, float):
+            print(f"{key}: {value:.4f}")
+        else:
+            print(f"{key}: {value}")
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from keras_microtune import demo
 
-    demo.run(args.output)
+    demo.run(args.output, quick=args.quick or None)
     return EXIT_OK
 
 
@@ -119,8 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=cmd_targets)
 
+    p = sub.add_parser("evaluate", help="metrics of a model on labelled data")
+    p.add_argument("model", help=".tflite (or .keras) model")
+    p.add_argument("--data", required=True, help=".npz with x and y")
+    p.add_argument(
+        "--runtime",
+        choices=("tflm", "litert", "keras"),
+        default=None,
+        help="default: tflm for .tflite, keras for .keras",
+    )
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(func=cmd_evaluate)
+
     p = sub.add_parser("demo", help="run the end-to-end demo")
-    p.add_argument("-o", "--output", default="kmt_demo", help="output folder")
+    p.add_argument("-o", "--output", default="build/demo", help="output folder")
+    p.add_argument("--quick", action="store_true", help="a few-second smoke run")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,0 +1,187 @@
+"""evaluate(): metrics of a model measured on the runtime that will run it."""
+
+from __future__ import annotations
+
+import os
+
+import keras
+import numpy as np
+
+from keras_microtune import data
+from keras_microtune.export import _model
+
+RUNTIMES = ("tflm", "litert", "keras")
+CLASSIFIER_METRICS = ("accuracy", "precision", "recall", "confusion_matrix")
+REGRESSOR_METRICS = ("mean_abs_error", "root_mean_squared_error")
+CHUNK = 256  # samples per TFLite Micro child process / progress-bar step
+EVAL_ARENA_BYTES = 16 * 1024 * 1024  # generous: evaluation is not sizing
+
+
+def _load_model(model_or_tflite):
+    """Return ("keras", model) or ("tflite", bytes).
+
+    "keras" covers every float source model `kmt.convert` accepts (Keras 3,
+    tf_keras, a `.keras`/`.h5` path or a SavedModel folder).
+    """
+    if hasattr(model_or_tflite, "tflite"):  # a ConversionResult
+        return "tflite", bytes(model_or_tflite.tflite)
+    if isinstance(model_or_tflite, (bytes, bytearray, memoryview)):
+        return "tflite", bytes(model_or_tflite)
+    path = model_or_tflite
+    if isinstance(path, (str, os.PathLike)) and os.fspath(path).endswith(".tflite"):
+        with open(path, "rb") as f:
+            return "tflite", f.read()
+    return "keras", _model.load(model_or_tflite)[0]
+
+
+def _predict_tflite(tflite, xs, runtime, verbose):
+    from keras_microtune.export import runtimes
+
+    ins, outs = runtimes.io_details(tflite)
+    xs = [runtimes.quantize(x, d) for x, d in zip(xs, ins)]
+    n = len(xs[0])
+    bar = keras.utils.Progbar(n, unit_name="sample") if verbose else None
+    chunks = []
+    for start in range(0, n, CHUNK):
+        part = [x[start : start + CHUNK] for x in xs]
+        if runtime == "tflm":
+            raw = runtimes.tflm_run(tflite, part, EVAL_ARENA_BYTES)
+        else:
+            raw = runtimes.litert_run(tflite, part)
+        chunks.append(runtimes.dequantize(raw[0], outs[0]))
+        if bar is not None:
+            bar.update(min(n, start + CHUNK))
+    return np.concatenate(chunks)
+
+
+def _is_classification(y, outputs):
+    integer_labels = np.issubdtype(y.dtype, np.integer) and y.ndim == 1
+    one_hot = (
+        y.ndim == 2
+        and y.shape[1] == outputs.shape[-1] > 1
+        and set(np.unique(y)) <= {0, 1}
+    )
+    return integer_labels or one_hot
+
+
+def _classifier_metrics(y, outputs):
+    if y.ndim == 2:
+        y = y.argmax(axis=1)
+    y = y.astype("int64")
+    if outputs.shape[-1] == 1:
+        predicted = (outputs[:, 0] > 0.5).astype("int64")
+        classes = 2
+    else:
+        predicted = outputs.reshape(len(outputs), -1).argmax(axis=1)
+        classes = outputs.shape[-1]
+    classes = max(classes, int(y.max()) + 1)
+    confusion = np.zeros((classes, classes), "int64")
+    np.add.at(confusion, (y, predicted), 1)
+    hits = np.diag(confusion).astype("float64")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.nan_to_num(hits / confusion.sum(axis=0))
+        recall = np.nan_to_num(hits / confusion.sum(axis=1))
+    return {
+        "accuracy": float(hits.sum() / len(y)),
+        "precision": precision.tolist(),
+        "recall": recall.tolist(),
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def _regressor_metrics(y, outputs):
+    error = outputs.reshape(y.shape).astype("float64") - y
+    return {
+        "mean_abs_error": float(np.abs(error).mean()),
+        "root_mean_squared_error": float(np.sqrt((error**2).mean())),
+    }
+
+
+def evaluate(model_or_tflite, x, y=None, runtime=None, metrics=None, verbose=0):
+    """Metrics of a model on `(x, y)`, measured in the chosen runtime.
+
+    Classifiers (integer or one-hot labels) get accuracy, per-class precision
+    and recall, and the confusion matrix (rows: true class, columns:
+    predicted); regressors get mean absolute error and RMSE. Quantized
+    inputs and outputs are (de)quantized with the model's own parameters, so
+    the same float `x` serves every runtime and the numbers compare side by
+    side.
+
+    Args:
+        model_or_tflite: keras.Model, ConversionResult, .tflite bytes, or a
+            path to a `.tflite` or `.keras` file.
+        x: inputs in any form `kmt.convert` accepts (array, `(x, y)`,
+            tf.data.Dataset, generator, `.npz` path).
+        y: labels or targets; taken from `x` when it carries them.
+        runtime: str or None. `"tflm"` (TFLite Micro, in a child process),
+            `"litert"` or `"keras"`. Defaults to `"keras"` for Keras models
+            and `"tflm"` for .tflite models.
+        metrics: sequence of str or None. Subset of the metric names to
+            return; None returns all that apply.
+        verbose: int. 1 shows a progress bar. Defaults to `0`.
+
+    Returns:
+        dict of metric name -> value, plus `runtime` and `samples`.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> import keras_microtune as kmt
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> x, y = np.eye(4, dtype="float32")[:3], np.array([0, 1, 2])
+    >>> sorted(kmt.evaluate(model, x, y))[:2]
+    ['accuracy', 'confusion_matrix']
+    """
+    kind, model = _load_model(model_or_tflite)
+    if runtime is None:
+        runtime = "keras" if kind == "keras" else "tflm"
+    if runtime not in RUNTIMES:
+        raise ValueError(
+            f"Received an invalid value for `runtime`, expected one of {RUNTIMES}. "
+            f"Received: runtime={runtime!r}"
+        )
+    if kind == "keras" and runtime != "keras":
+        raise ValueError(
+            f"runtime={runtime!r} runs a converted model; convert the Keras model "
+            "first with kmt.convert(model, target=...) and evaluate result.tflite."
+        )
+    if kind == "tflite" and runtime == "keras":
+        raise ValueError(
+            "runtime='keras' needs a Keras model; use runtime='tflm' or 'litert' "
+            "for a .tflite model."
+        )
+    if kind == "keras":
+        shapes = [shape for shape, _ in _model.input_specs(model)]
+    else:
+        from keras_microtune.export import runtimes
+
+        shapes = [tuple(d["shape"][1:]) for d in runtimes.io_details(model)[0]]
+    xs, y_from_x = data.as_arrays(x, shapes, what="x")
+    y = y_from_x if y is None else np.asarray(y)
+    if y is None:
+        raise ValueError("evaluate() needs labels: pass `y`, or `x` as an (x, y) pair.")
+    if len(y) != len(xs[0]):
+        raise ValueError(
+            f"`x` has {len(xs[0])} samples but `y` has {len(y)}; they must match."
+        )
+    if kind == "keras":
+        outputs = _model.predict(model, xs)[0]
+    else:
+        outputs = _predict_tflite(model, xs, runtime, verbose)
+    outputs = outputs.astype("float32")
+    if _is_classification(y, outputs):
+        result, names = _classifier_metrics(y, outputs), CLASSIFIER_METRICS
+    else:
+        result, names = (
+            _regressor_metrics(y.astype("float64"), outputs),
+            REGRESSOR_METRICS,
+        )
+    if metrics is not None:
+        unknown = sorted(set(metrics) - set(names))
+        if unknown:
+            raise ValueError(
+                f"Received unknown metrics {unknown} for this model; available: "
+                f"{list(names)}."
+            )
+        result = {k: result[k] for k in metrics}
+    return {**result, "runtime": runtime, "samples": int(len(y))}
