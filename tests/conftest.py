@@ -28,3 +28,14 @@ def _seed():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def mirrored():
+    """One MirroredStrategy over the two logical CPUs for the whole session.
+
+    Separate MirroredStrategy objects in one process can hand out the same
+    collective instance keys, so a later test's all-reduce would meet an
+    earlier model's gradients ("Shape mismatch in the collective instance").
+    """
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

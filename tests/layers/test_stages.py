@@ -197,10 +197,9 @@ def test_mixed_precision_fit(rng):
     assert model.layers[1].kernel.dtype == "float32"  # variables stay float32
 
 
-def test_fit_under_mirrored_strategy(rng):
-    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-    assert len(devices) == 2
-    strategy = tf.distribute.MirroredStrategy(devices)
+def test_fit_under_mirrored_strategy(rng, mirrored):
+    assert len(tf.config.list_logical_devices("CPU")) == 2
+    strategy = mirrored
     x, y = _data(rng)
     with strategy.scope():
         model = _classifier()

@@ -1,0 +1,129 @@
+"""ActivationClipAnneal: anneal ReLU clipping toward an int8-friendly value."""
+
+import keras
+
+from keras_microtune.callbacks._base import (
+    check_number,
+    retrace,
+    schedule_value,
+    sublayers,
+)
+
+
+class ActivationClipAnneal(keras.callbacks.Callback):
+    """Anneal the clipping value of ReLU layers, e.g. from 20 down to 6.
+
+    Unbounded activations waste int8 range on rare large values; a ReLU6-like
+    clip quantizes well. Switching the clip on abruptly costs accuracy, so
+    this callback lowers `max_value` of `keras.layers.ReLU` layers (including
+    those inside `FeatureStage` and nested models) linearly from `start` at
+    `start_epoch` to `end` at `start_epoch + epochs`, and keeps `end` after.
+    Before `start_epoch` the layers keep their own `max_value`.
+
+    The new value is read when Keras traces the train step, so the callback
+    retraces the train and test functions at each epoch where the value
+    changes (one retrace per epoch, no per-step cost). The value goes into the
+    epoch `logs` as `"activation_clip"` (`inf` before `start_epoch`); on
+    `BackupAndRestore` resume it is recomputed from the epoch index. The
+    layers keep the final value after training, so a saved model has it in
+    its config.
+
+    Args:
+        start: float. Clipping value at `start_epoch`. Defaults to `20.0`.
+        end: float. Final clipping value. Defaults to `6.0`.
+        epochs: int. Epochs over which the value moves from `start` to `end`.
+            Defaults to `5`.
+        start_epoch: int. First annealed epoch. Defaults to `0`.
+        layers: None or list of str. Names of the ReLU layers to clip; None
+            means every `keras.layers.ReLU` in the model. Defaults to `None`.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> import keras_microtune as kmt
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+    ...                           keras.layers.ReLU(), keras.layers.Dense(1)])
+    >>> model.compile("adam", "mse")
+    >>> anneal = kmt.callbacks.ActivationClipAnneal(start=12.0, end=6.0, epochs=2)
+    >>> history = model.fit(np.ones((8, 4)), np.ones((8, 1)), epochs=3,
+    ...                     callbacks=[anneal], verbose=0)
+    >>> history.history["activation_clip"]
+    [12.0, 9.0, 6.0]
+    """
+
+    def __init__(
+        self,
+        start: float = 20.0,
+        end: float = 6.0,
+        epochs: int = 5,
+        start_epoch: int = 0,
+        layers=None,
+    ):
+        super().__init__()
+        self.start = check_number("start", start, low=0, low_open=True)
+        self.end = check_number("end", end, low=0, low_open=True)
+        self.epochs = check_number("epochs", epochs, low=0, integer=True)
+        self.start_epoch = check_number("start_epoch", start_epoch, 0, integer=True)
+        if layers is not None and (
+            not isinstance(layers, (list, tuple))
+            or not all(isinstance(name, str) for name in layers)
+        ):
+            raise ValueError(
+                "Received an invalid value for `layers`, expected None or a list "
+                f"of ReLU layer names. Received: layers={layers!r}"
+            )
+        self.layers = None if layers is None else list(layers)
+        self._relus = []
+        self._original = []
+        self._current = None
+
+    def value(self, epoch: int):
+        """The clipping value at `epoch`, or None before `start_epoch`."""
+        if epoch < self.start_epoch:
+            return None
+        return schedule_value(
+            (self.start, self.end), epoch, self.epochs, self.start_epoch
+        )
+
+    def _find_relus(self):
+        relus = [
+            layer
+            for layer in sublayers(self.model)
+            if isinstance(layer, keras.layers.ReLU)
+        ]
+        if self.layers is None:
+            if not relus:
+                raise ValueError(
+                    "ActivationClipAnneal found no `keras.layers.ReLU` layer in "
+                    f"model {self.model.name!r}. Use `keras.layers.ReLU()` layers "
+                    "(or `kmt.layers.FeatureStage`) rather than `activation='relu'` "
+                    "arguments for the activations to clip."
+                )
+            return relus
+        by_name = {layer.name: layer for layer in relus}
+        missing = [name for name in self.layers if name not in by_name]
+        if missing:
+            raise ValueError(
+                f"ActivationClipAnneal: no ReLU layer named {missing} in model "
+                f"{self.model.name!r}. ReLU layers: {sorted(by_name)}."
+            )
+        return [by_name[name] for name in self.layers]
+
+    def on_train_begin(self, logs=None):
+        self._relus = self._find_relus()
+        self._original = [layer.max_value for layer in self._relus]
+        self._current = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        value = self.value(epoch)
+        if value == self._current:
+            return
+        for layer, original in zip(self._relus, self._original):
+            layer.max_value = original if value is None else value
+        self._current = value
+        retrace(self.model)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            unclipped = self._current is None
+            logs["activation_clip"] = float("inf") if unclipped else self._current

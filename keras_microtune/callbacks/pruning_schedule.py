@@ -1,0 +1,95 @@
+"""PruningSchedule: check, follow and log magnitude pruning during fit."""
+
+import keras
+import numpy as np
+
+from keras_microtune.callbacks._base import sublayers
+
+
+def _wrappers(model):
+    from keras_microtune.optimize import PruneLowMagnitude
+
+    return [layer for layer in sublayers(model) if isinstance(layer, PruneLowMagnitude)]
+
+
+class PruningSchedule(keras.callbacks.Callback):
+    """Drive and log the pruning of a `kmt.optimize.prune_low_magnitude` model.
+
+    The Keras 3 equivalent of tfmot's `UpdatePruningStep` plus
+    `PruningSummaries`. Each `PruneLowMagnitude` wrapper advances its
+    `pruning_step` variable and recomputes its masks inside the compiled
+    train step (every `frequency` steps of its polynomial schedule), so masks
+    follow every step, also with `steps_per_execution > 1`. This callback
+    checks the model is prunable when training begins, re-applies all masks
+    when an epoch ends and training ends (pruned weights are exactly zero in
+    checkpoints and exports), and writes `"sparsity"` (fraction of zeros over
+    all pruned kernels) and `"pruning_step"` to the epoch `logs`. The step
+    counters are model weights, so `BackupAndRestore` restores the schedule.
+
+    Args:
+        update_masks_on_epoch_end: bool. Recompute the masks at the current
+            step at each epoch end instead of only re-applying them (useful
+            with a `frequency` longer than an epoch). Defaults to `False`.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> import keras_microtune as kmt
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8)])
+    >>> pruned = kmt.optimize.prune_low_magnitude(
+    ...     model, target_sparsity=0.5, end_step=2, frequency=1)
+    >>> pruned.compile("adam", "mse")
+    >>> history = pruned.fit(np.ones((8, 8)), np.ones((8, 8)), epochs=2,
+    ...                      batch_size=4, callbacks=[kmt.callbacks.PruningSchedule()],
+    ...                      verbose=0)
+    >>> history.history["sparsity"][-1]
+    0.5
+    """
+
+    def __init__(self, update_masks_on_epoch_end: bool = False):
+        super().__init__()
+        if not isinstance(update_masks_on_epoch_end, bool):
+            raise ValueError(
+                "Received an invalid value for `update_masks_on_epoch_end`, "
+                "expected a bool. "
+                f"Received: update_masks_on_epoch_end={update_masks_on_epoch_end!r}"
+            )
+        self.update_masks_on_epoch_end = update_masks_on_epoch_end
+        self._wrappers = []
+
+    def on_train_begin(self, logs=None):
+        self._wrappers = _wrappers(self.model)
+        if not self._wrappers:
+            raise ValueError(
+                f"PruningSchedule: model {self.model.name!r} has no pruning "
+                "wrappers. Make it prunable first: `model = "
+                "kmt.optimize.prune_low_magnitude(model, target_sparsity=...)`, "
+                "then compile and fit that model with this callback."
+            )
+
+    def _apply(self):
+        for wrapper in self._wrappers:
+            if self.update_masks_on_epoch_end:
+                wrapper.update_masks(force=True)
+            else:
+                wrapper.apply_masks()
+
+    def sparsity(self) -> float:
+        """Fraction of zeros over every kernel the wrappers prune."""
+        zeros = total = 0
+        for wrapper in self._wrappers:
+            for mask in wrapper.masks:
+                values = keras.ops.convert_to_numpy(mask)
+                zeros += int(np.sum(values == 0))
+                total += values.size
+        return zeros / total if total else 0.0
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._apply()
+        if logs is not None:
+            logs["sparsity"] = self.sparsity()
+            logs["pruning_step"] = float(self._wrappers[0].pruning_step.numpy())
+
+    def on_train_end(self, logs=None):
+        for wrapper in self._wrappers:
+            wrapper.apply_masks()

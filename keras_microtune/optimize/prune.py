@@ -1,0 +1,298 @@
+"""Magnitude pruning for Keras 3 with a polynomial-decay sparsity schedule.
+
+`prune_low_magnitude(model, ...)` wraps every layer that owns kernels
+(Dense, convolutions, the stage layers) in `PruneLowMagnitude`. Each wrapper
+keeps one mask per kernel and a step counter; at every training step it
+advances `pruning_step`, recomputes the masks when the schedule says so
+(every `frequency` steps between `begin_step` and `end_step`) and multiplies
+the kernels by their masks, so pruned weights stay zero.
+
+Hooks (for `kmt.callbacks.PruningSchedule`):
+- the wrapper variable `pruning_step` (set it to drive the schedule from
+  outside, e.g. by epoch);
+- `update_pruning_masks(model, step=None)`: recompute and apply every mask
+  now, at `step` (default: each wrapper's own step);
+- `pruning_summary(model)`: `{layer path: sparsity}` for every kernel;
+- `strip(model)`: remove the wrappers, leaving plain layers with zeros.
+"""
+
+import inspect
+
+import keras
+from keras import ops
+
+from keras_microtune._api import serializable
+
+STEP = "pruning_step"
+
+
+def _prunable(layer):
+    return [v for v in layer.weights if "kernel" in v.name and len(v.shape) >= 2]
+
+
+class _MaskConstraint:
+    """Multiply a kernel by its pruning mask after any original constraint."""
+
+    def __init__(self, mask, constraint=None):
+        self.mask = mask
+        self.constraint = constraint
+
+    def __call__(self, kernel):
+        if self.constraint is not None:
+            kernel = self.constraint(kernel)
+        return kernel * self.mask
+
+
+@serializable
+class PruneLowMagnitude(keras.layers.Layer):
+    """Prune the smallest-magnitude kernel weights of `layer` on a schedule.
+
+    Sparsity at step `t` is `target * (1 - (1 - p) ** power)` with
+    `p = clip((t - begin_step) / (end_step - begin_step), 0, 1)`.
+
+    Args:
+        layer: keras.layers.Layer. The layer whose kernels are pruned.
+        target_sparsity: float in [0, 1). Final fraction of zeros.
+        begin_step: int. First step that prunes.
+        end_step: int. Step at which `target_sparsity` is reached.
+        frequency: int. Steps between mask updates.
+        power: int. Exponent of the polynomial decay.
+    """
+
+    def __init__(
+        self, layer, target_sparsity, begin_step, end_step, frequency, power, **kwargs
+    ):
+        super().__init__(**kwargs)
+        if isinstance(layer, dict):
+            layer = keras.saving.deserialize_keras_object(layer)
+        self.layer = layer
+        self.target_sparsity = float(target_sparsity)
+        self.begin_step = int(begin_step)
+        self.end_step = int(end_step)
+        self.frequency = int(frequency)
+        self.power = int(power)
+
+    def build(self, input_shape):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        self.pruning_step = self.add_weight(
+            name=STEP, shape=(), initializer="zeros", trainable=False
+        )
+        self.masks = [
+            self.add_weight(
+                name=f"mask_{i}", shape=v.shape, initializer="ones", trainable=False
+            )
+            for i, v in enumerate(_prunable(self.layer))
+        ]
+        # Optimizers apply `variable.constraint` after each update: masking
+        # there keeps pruned weights at zero between steps, not just in call.
+        for kernel, mask in zip(_prunable(self.layer), self.masks):
+            kernel.constraint = _MaskConstraint(mask, kernel.constraint)
+
+    def sparsity_at(self, step):
+        step = ops.cast(step, "float32")
+        span = max(self.end_step - self.begin_step, 1)
+        progress = ops.clip((step - self.begin_step) / span, 0.0, 1.0)
+        return self.target_sparsity * (1.0 - (1.0 - progress) ** self.power)
+
+    def _new_mask(self, kernel, sparsity):
+        magnitude = ops.reshape(ops.abs(kernel), (-1,))
+        count = ops.cast(ops.round(sparsity * magnitude.shape[0]), "int32")
+        threshold = ops.take(ops.sort(magnitude), ops.maximum(count - 1, 0))
+        mask = ops.cast(ops.abs(kernel) > threshold, "float32")
+        return ops.where(count > 0, mask, ops.ones_like(mask))
+
+    def update_masks(self, step=None, force=True):
+        """Recompute the masks at `step` (a step due now if not `force`)."""
+        step = self.pruning_step if step is None else ops.cast(step, "float32")
+        due = ops.logical_and(
+            ops.greater_equal(step, self.begin_step),
+            ops.equal(ops.mod(step - self.begin_step, self.frequency), 0.0),
+        )
+        due = ops.logical_and(due, ops.less_equal(step, self.end_step))
+        due = ops.logical_or(due, force)
+        sparsity = self.sparsity_at(step)
+        for kernel, mask in zip(_prunable(self.layer), self.masks):
+            mask.assign(ops.where(due, self._new_mask(kernel, sparsity), mask))
+        self.apply_masks()
+
+    def apply_masks(self):
+        for kernel, mask in zip(_prunable(self.layer), self.masks):
+            kernel.assign(kernel * mask)
+
+    def call(self, inputs, training=None, **kwargs):
+        if training:
+            self.update_masks(force=False)
+            self.pruning_step.assign_add(1.0)
+        else:
+            self.apply_masks()
+        if "training" in inspect.signature(self.layer.call).parameters:
+            kwargs["training"] = training
+        return self.layer(inputs, **kwargs)
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "layer": keras.saving.serialize_keras_object(self.layer),
+            "target_sparsity": self.target_sparsity,
+            "begin_step": self.begin_step,
+            "end_step": self.end_step,
+            "frequency": self.frequency,
+            "power": self.power,
+        }
+
+
+def _rewrite(model, replace):
+    """Clone a (Functional/Sequential) model, mapping each layer by `replace`."""
+    from keras_microtune.optimize.quantize import as_functional
+
+    model = as_functional(model)
+    done = {}
+
+    def call_function(layer, *args, **kwargs):
+        if id(layer) not in done:
+            if isinstance(layer, keras.Model):
+                done[id(layer)] = _rewrite(layer, replace)
+            elif isinstance(layer, keras.layers.Layer):
+                done[id(layer)] = replace(layer, args[0])
+            else:
+                return layer(*args, **kwargs)
+        return done[id(layer)](*args, **kwargs)
+
+    return keras.models.clone_model(
+        model, clone_function=lambda layer: layer, call_function=call_function
+    )
+
+
+def prune_low_magnitude(
+    model,
+    target_sparsity=0.5,
+    begin_step=0,
+    end_step=1000,
+    frequency=100,
+    power=3,
+):
+    """Return a copy of `model` whose kernels are pruned while it trains.
+
+    Every layer with a kernel (Dense, convolutions, `FeatureStage`,
+    `EmbeddingStage`, `MicroTune`, `OutputStage`) is wrapped in
+    `PruneLowMagnitude`; masks follow a polynomial-decay schedule from 0 to
+    `target_sparsity` between `begin_step` and `end_step`, updated every
+    `frequency` training steps and applied at every step. tf_keras models
+    go to tfmot's `prune_low_magnitude` (add its `UpdatePruningStep`
+    callback, available as `tfmot_bridge.update_pruning_step_callback()`).
+
+    Args:
+        model: keras.Model. A built Sequential or Functional model.
+        target_sparsity: float in [0, 1). Final fraction of zero weights.
+            Defaults to `0.5`.
+        begin_step: int. Training step where pruning starts. Defaults to `0`.
+        end_step: int. Step where `target_sparsity` is reached. Defaults
+            to `1000`.
+        frequency: int. Steps between mask updates. Defaults to `100`.
+        power: int. Exponent of the polynomial decay. Defaults to `3`.
+
+    Returns:
+        A new keras.Model.
+    """
+    from keras_microtune.optimize import tfmot_bridge
+    from keras_microtune.optimize.quantize import _check_model
+
+    if not isinstance(target_sparsity, (int, float)) or not 0 <= target_sparsity < 1:
+        raise ValueError(
+            "Received an invalid value for `target_sparsity`, expected a float in "
+            f"[0, 1). Received: target_sparsity={target_sparsity!r}"
+        )
+    for name, value in (("begin_step", begin_step), ("frequency", frequency)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < (name == "frequency")
+        ):
+            raise ValueError(
+                f"Received an invalid value for `{name}`, expected a "
+                f"{'positive' if name == 'frequency' else 'non-negative'} integer. "
+                f"Received: {name}={value!r}"
+            )
+    if (
+        isinstance(end_step, bool)
+        or not isinstance(end_step, int)
+        or end_step < begin_step
+    ):
+        raise ValueError(
+            "Received an invalid value for `end_step`, expected an integer >= "
+            f"begin_step={begin_step}. Received: end_step={end_step!r}"
+        )
+    args = (target_sparsity, begin_step, end_step, frequency, power)
+    if tfmot_bridge.is_tf_keras_model(model):
+        return tfmot_bridge.prune_low_magnitude(model, *args)
+    _check_model(model, "prune_low_magnitude()")
+    from keras_microtune.optimize.quantize_stages import clone_layer
+
+    def replace(layer, x):
+        shape = keras.tree.map_structure(lambda t: t.shape, x)
+        copy = clone_layer(layer, shape)
+        if isinstance(layer, PruneLowMagnitude) or not _prunable(copy):
+            return copy
+        return PruneLowMagnitude(copy, *args, name=f"prune_{layer.name}")
+
+    return _rewrite(model, replace)
+
+
+def _strip_layer(layer, x):
+    if not isinstance(layer, PruneLowMagnitude):
+        return layer
+    from keras_microtune.optimize.quantize_stages import clone_layer
+
+    copy = clone_layer(layer.layer, keras.tree.map_structure(lambda t: t.shape, x))
+    for kernel, mask in zip(_prunable(copy), layer.masks):
+        kernel.assign(kernel * mask)
+    return copy
+
+
+def _walk(model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _walk(layer)
+        yield layer
+
+
+def has_pruning(model):
+    return any(isinstance(layer, PruneLowMagnitude) for layer in _walk(model))
+
+
+def strip(model):
+    """Remove pruning wrappers, keeping the zeros; QAT layers stay.
+
+    A QAT model keeps its fake-quant layers: they carry the int8 ranges the
+    converter needs. tf_keras models go to tfmot's `strip_pruning`.
+    """
+    from keras_microtune.optimize import tfmot_bridge
+
+    if tfmot_bridge.is_tf_keras_model(model):
+        return tfmot_bridge.strip_pruning(model)
+    return _rewrite(model, _strip_layer)
+
+
+def strip_pruning_for_quantization(model):
+    return strip(model) if has_pruning(model) else model
+
+
+def update_pruning_masks(model, step=None):
+    """Recompute and apply every pruning mask of `model` now."""
+    for layer in _walk(model):
+        if isinstance(layer, PruneLowMagnitude):
+            layer.update_masks(step=step, force=True)
+
+
+def pruning_summary(model):
+    """`{kernel path: fraction of zeros}` for every kernel of `model`."""
+    summary = {}
+    for variable in model.weights:
+        if "kernel" in variable.name and len(variable.shape) >= 2:
+            values = ops.convert_to_numpy(variable)
+            summary[variable.path] = float((values == 0).mean())
+    return summary
