@@ -187,8 +187,8 @@ def _parse(data):
     )
 
 
-def activation_lower_bound(info: ModelInfo) -> int:
-    """Max over ops of the bytes of non-constant tensors live at that op."""
+def live_bytes_per_op(info: ModelInfo) -> list[int]:
+    """Bytes of the non-constant tensors live at each op, in execution order."""
     n = len(info.op_sequence)
     first, last = {}, {}
     for t in info.inputs:
@@ -201,15 +201,20 @@ def activation_lower_bound(info: ModelInfo) -> int:
                 last[t] = i
     for t in info.outputs:
         last[t] = n
-    best = 0
+    live = []
     for i in range(max(n, 1)):
-        live = [
+        tensors = [
             t
             for t in first
             if not info.tensors[t].constant and first[t] <= i <= last.get(t, first[t])
         ]
-        best = max(best, sum(info.tensors[t].nbytes for t in live))
-    return best
+        live.append(sum(info.tensors[t].nbytes for t in tensors))
+    return live
+
+
+def activation_lower_bound(info: ModelInfo) -> int:
+    """Max over ops of the bytes of non-constant tensors live at that op."""
+    return max(live_bytes_per_op(info))
 
 
 class _AlignedBuffer:

@@ -70,20 +70,43 @@ class ConversionResult:
     def fits(self) -> bool:
         return bool(self.report["budget"]["fits"])
 
-    def files(self) -> dict[str, bytes]:
-        """The artifacts `save` writes, by file name."""
+    def files(self, history=None, evaluations=None, project=False) -> dict[str, bytes]:
+        """The artifacts `save` writes, by file name (see `save`)."""
+        from keras_microtune.export import artifacts
+
         out = {"model.tflite": self.tflite}
         if self.report["target"]["runtime"] == "tflm":
             generated = codegen.files(
                 self.tflite, self.name, self.ops, self.arena_bytes
             )
             out.update({k: v.encode() for k, v in generated.items()})
+        extra = artifacts.extra_files(self, history, evaluations, project)
+        out.update(extra)
         out["report.json"] = json.dumps(self.report, indent=2).encode()
-        out["report.md"] = report_lib.markdown(self.report).encode()
+        plot_names = [name for name in extra if name.endswith(".png")]
+        out["report.md"] = (
+            report_lib.markdown(self.report) + artifacts.plots_section(plot_names)
+        ).encode()
         return out
 
-    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> str:
+    def save(
+        self,
+        directory: str | os.PathLike,
+        overwrite: bool = False,
+        history: dict | None = None,
+        evaluations: dict | None = None,
+        project: bool = False,
+    ) -> str:
         """Write the artifacts into `directory` atomically; return its real path.
+
+        Always: `model.tflite`, `report.json`, `report.md`. TFLite Micro
+        targets add `model_data.cc`/`.h`, `op_resolver.h` and `test_data.h`
+        (a test input and TFLite Micro's output for it); `project=True` adds
+        the application template (`main.cc`, `Makefile`, `README.md`). LiteRT
+        targets add `mobile.md`. With matplotlib installed, PNG plots:
+        `memory.png`, `flash.png`, and `training.png` / `confusion.png` when
+        `history` (a Keras History dict) / `evaluations` (title ->
+        `kmt.evaluate` result) are given.
 
         Files go to a temporary folder beside `directory` that is renamed into
         place at the end: on any failure the destination is left as it was.
@@ -91,7 +114,8 @@ class ConversionResult:
         Raises:
             FileExistsError: `directory` exists, is not empty, and not `overwrite`.
         """
-        return save_files(self.files(), directory, overwrite)
+        files = self.files(history, evaluations, project)
+        return save_files(files, directory, overwrite)
 
 
 def save_files(files: dict[str, bytes], directory, overwrite: bool = False) -> str:

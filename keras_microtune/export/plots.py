@@ -1,0 +1,135 @@
+"""PNG plots for reports (matplotlib, Agg backend).
+
+matplotlib is optional: `available()` says whether plots can be drawn, and the
+converter works without it. Each function writes one PNG and returns its path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+
+# Keys of a History dict that are scheduled values, not metrics.
+SCHEDULED = (
+    "learning_rate",
+    "qat_enabled",
+    "qat_ranges_frozen",
+    "sparsity",
+    "clip_value",
+    "distillation_alpha",
+    "temperature",
+    "unfrozen_layers",
+)
+
+
+def available() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def training_curves(history: dict, path: str) -> str:
+    """Loss and metrics per epoch, with scheduled values in a lower panel."""
+    plt = _pyplot()
+    metrics = [k for k in history if k not in SCHEDULED and history[k]]
+    scheduled = [k for k in history if k in SCHEDULED and history[k]]
+    rows = 2 if scheduled else 1
+    fig, axes = plt.subplots(
+        rows, 1, figsize=(7, 3.2 * rows), sharex=True, squeeze=False
+    )
+    epochs = np.arange(1, len(next(iter(history.values()), [])) + 1)
+    top = axes[0, 0]
+    for key in metrics:
+        top.plot(epochs, history[key], label=key, marker="o", markersize=3)
+    top.set_ylabel("value")
+    top.set_title("Training")
+    top.legend(fontsize=8)
+    top.grid(alpha=0.3)
+    if scheduled:
+        bottom = axes[1, 0]
+        for key in scheduled:
+            values = np.asarray(history[key], "float64")
+            peak = np.abs(values).max() or 1.0
+            bottom.step(
+                epochs, values / peak, where="mid", label=f"{key} (/{peak:.3g})"
+            )
+        bottom.set_ylabel("scheduled (normalised)")
+        bottom.legend(fontsize=8)
+        bottom.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("epoch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def confusion_matrices(matrices: dict, path: str, labels=None) -> str:
+    """Confusion matrices side by side, e.g. {"float": cm, "int8 (TFLM)": cm}."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(matrices), figsize=(4.2 * len(matrices), 4))
+    axes = np.atleast_1d(axes)
+    for ax, (title, matrix) in zip(axes, matrices.items()):
+        cm = np.asarray(matrix)
+        ax.imshow(cm, cmap="Blues")
+        names = labels or [str(i) for i in range(len(cm))]
+        ax.set_xticks(range(len(cm)), names)
+        ax.set_yticks(range(len(cm)), names)
+        for (i, j), value in np.ndenumerate(cm):
+            color = "white" if value > cm.max() / 2 else "black"
+            ax.text(j, i, str(value), ha="center", va="center", color=color, fontsize=8)
+        accuracy = np.trace(cm) / max(cm.sum(), 1)
+        ax.set_title(f"{title}: accuracy {accuracy:.3f}")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def memory_over_ops(live_bytes, op_names, arena_bytes, path) -> str:
+    """Live activation bytes at each op against the measured arena."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(live_bytes)), 3.6))
+    x = np.arange(len(live_bytes))
+    ax.bar(x, np.asarray(live_bytes) / 1024, color="#4c72b0", label="live activations")
+    if arena_bytes:
+        ax.axhline(arena_bytes / 1024, color="#c44e52", ls="--", label="tensor arena")
+    ax.set_xticks(x, op_names, rotation=90, fontsize=7)
+    ax.set_ylabel("KiB")
+    ax.set_title("Memory over the op sequence")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def flash_breakdown(rows, path) -> str:
+    """Stacked bytes per layer: rows are (layer, {category: bytes})."""
+    plt = _pyplot()
+    categories = sorted({c for _, parts in rows for c in parts})
+    fig, ax = plt.subplots(figsize=(7, max(3, 0.28 * len(rows) + 1)))
+    left = np.zeros(len(rows))
+    y = np.arange(len(rows))
+    for category in categories:
+        values = np.array([parts.get(category, 0) for _, parts in rows], "float64")
+        ax.barh(y, values / 1024, left=left / 1024, label=category)
+        left += values
+    ax.set_yticks(y, [name for name, _ in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("KiB")
+    ax.set_title(f"Flash: {left.sum() / 1024:.1f} KiB by layer")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
