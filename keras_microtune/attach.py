@@ -259,10 +259,12 @@ def attach(
         elif not isinstance(layer, MicroTune):
             layer.trainable = not freeze
 
+    # A single input or output stays a single tensor, so calling the model on
+    # an array matches its structure.
+    inputs = adapted.inputs[0] if len(adapted.inputs) == 1 else adapted.inputs
     if not replace_head:
-        return keras.Model(
-            adapted.inputs, adapted.outputs, name=f"{model.name}_microtune"
-        )
+        outputs = adapted.outputs[0] if len(adapted.outputs) == 1 else adapted.outputs
+        return keras.Model(inputs, outputs, name=f"{model.name}_microtune")
 
     features = adapted.outputs[0]
     if old_head:
@@ -274,4 +276,4 @@ def attach(
         outputs = OutputStage(num_classes, name="classifier")(x)
     else:
         outputs = head(features)
-    return keras.Model(adapted.inputs, outputs, name=f"{model.name}_microtune")
+    return keras.Model(inputs, outputs, name=f"{model.name}_microtune")

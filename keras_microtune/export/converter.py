@@ -317,7 +317,7 @@ def convert(
         "batch_size": 1,
     }
     result.report["stripped_bytes_saved"] = saved
-    result.report["verified"] = bool(result.parity.get("tflm_matches_litert", True))
+    result.report["verified"] = bool(result.parity.get("tflm_within_one_step", True))
     _enforce(result, strict)
     if output_dir is not None:
         result.save(output_dir, overwrite=overwrite)

@@ -57,7 +57,7 @@ def build(
             round(arena["arena_bytes"] / lower_bound, 3) if lower_bound else None
         )
         memory["tensor_arena_size"] = tensor_arena_size
-    verified = bool(parity is None or parity.get("tflm_matches_litert", True))
+    verified = bool(parity is None or parity.get("tflm_within_one_step", True))
     return {
         "target": dataclasses.asdict(target),
         "conversion": conversion,

@@ -144,28 +144,43 @@ class MicroTune(keras.layers.Layer):
         else:
             self.bias = None
 
+    # The pieces of `call`; QuantizedMicroTune overrides them to add
+    # fake quantization at the points the int8 model has tensors.
+    def _branch_input(self, inputs):
+        return self.activation(inputs)
+
+    def _sum(self, slices):
+        total = slices[0]
+        for s in slices[1:]:
+            total = total + s
+        return total
+
     def _group_map(self, x, i):
+        """Group `i`'s map, with its slice of the bias (-> one FULLY_CONNECTED)."""
         if self.rank is None:
-            return ops.matmul(x, self.kernel[i])
-        return ops.matmul(ops.matmul(x, self.kernel_down[i]), self.kernel_up[i])
+            y = ops.matmul(x, self.kernel[i])
+        else:
+            y = ops.matmul(ops.matmul(x, self.kernel_down[i]), self.kernel_up[i])
+        if self.bias is None:
+            return y
+        width = self.bias.shape[0] // self.groups
+        return y + self.bias[i * width : (i + 1) * width]
+
+    def _output(self, outputs):
+        return outputs
 
     def call(self, inputs):
-        x = self.activation(inputs)
+        x = self._branch_input(inputs)
         if self.groups == 1:
             branch = self._group_map(x, 0)
         else:
             slices = ops.split(x, self.groups, axis=-1)
             if self.merge == "sum":
-                total = slices[0]
-                for s in slices[1:]:
-                    total = total + s
-                slices = [total] * self.groups
+                slices = [self._sum(slices)] * self.groups
             branch = ops.concatenate(
                 [self._group_map(s, i) for i, s in enumerate(slices)], axis=-1
             )
-        if self.bias is not None:
-            branch = branch + self.bias
-        return inputs + branch
+        return self._output(inputs + branch)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)

@@ -159,18 +159,25 @@ class QuantizedMicroTune(MicroTune):
         self.input_quantizer = q(name="branch_input_quantizer") if nonlinear else None
         sums = self.merge == "sum" and n > 1
         self.sum_quantizer = q(name="sum_quantizer") if sums else None
-        self.branch_quantizer = q(name="branch_quantizer") if self.use_bias else None
         self.output_quantizer = q(name="output_quantizer")
         for layer in (
             *self.group_quantizers,
             *self.down_quantizers,
             self.input_quantizer,
             self.sum_quantizer,
-            self.branch_quantizer,
             self.output_quantizer,
         ):
             if layer is not None:
                 layer.build(input_shape)
+
+    def _branch_input(self, inputs):
+        x = self.activation(inputs)
+        if self.input_quantizer is None:
+            return x
+        return self.input_quantizer(x, training=self._training)
+
+    def _sum(self, slices):
+        return self.sum_quantizer(super()._sum(slices), training=self._training)
 
     def _group_map(self, x, i):
         t = self._training
@@ -180,28 +187,17 @@ class QuantizedMicroTune(MicroTune):
             h = ops.matmul(x, quantize_weights(self.kernel_down[i]))
             h = self.down_quantizers[i](h, training=t)
             y = ops.matmul(h, quantize_weights(self.kernel_up[i]))
+        if self.bias is not None:
+            width = self.bias.shape[0] // self.groups
+            y = y + self.bias[i * width : (i + 1) * width]
         return self.group_quantizers[i](y, training=t)
 
+    def _output(self, outputs):
+        return self.output_quantizer(outputs, training=self._training)
+
     def call(self, inputs, training=None):
-        t = self._training = bool(training)
-        x = self.activation(inputs)
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x, training=t)
-        if self.groups == 1:
-            branch = self._group_map(x, 0)
-        else:
-            slices = ops.split(x, self.groups, axis=-1)
-            if self.merge == "sum":
-                total = slices[0]
-                for s in slices[1:]:
-                    total = total + s
-                slices = [self.sum_quantizer(total, training=t)] * self.groups
-            branch = ops.concatenate(
-                [self._group_map(s, i) for i, s in enumerate(slices)], axis=-1
-            )
-        if self.bias is not None:
-            branch = self.branch_quantizer(branch + self.bias, training=t)
-        return self.output_quantizer(inputs + branch, training=t)
+        self._training = bool(training)
+        return super().call(inputs)
 
 
 def microtune(layer, x, sparse=False):
