@@ -239,7 +239,7 @@ def load_basic_motions():
 
     x_train, y_train = _load(split="train")
     x_test, y_test = _load(split="test")
-    classes = sorted(set(y_train))
+    classes = sorted(str(c) for c in set(y_train))
     x_train = np.transpose(x_train, (0, 2, 1)).astype("float32")
     x_test = np.transpose(x_test, (0, 2, 1)).astype("float32")
     mean = x_train.mean(axis=(0, 1))

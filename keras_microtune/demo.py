@@ -134,7 +134,10 @@ def run(output_dir="build/demo", quick=None, verbose=1, overwrite=True):
         "wall_seconds": round(seconds, 1),
     }
     rows = [
-        ("float accuracy (Keras, digits 5-9 test)", f"{figures['float_accuracy']:.4f}"),
+        (
+            "Keras accuracy (QAT model, digits 5-9 test)",
+            f"{figures['float_accuracy']:.4f}",
+        ),
         ("int8 accuracy (TFLite Micro)", f"{figures['int8_accuracy_tflm']:.4f}"),
         (
             "trainable / total parameters",

@@ -10,16 +10,22 @@ import importlib.util
 
 import numpy as np
 
-# Keys of a History dict that are scheduled values, not metrics.
+# Keys the keras_microtune callbacks write into `logs`: scheduled values,
+# drawn in their own panel rather than with the metrics.
 SCHEDULED = (
     "learning_rate",
-    "qat_enabled",
-    "qat_ranges_frozen",
-    "sparsity",
-    "clip_value",
+    "unfrozen_blocks",
+    "activation_clip",
     "distillation_alpha",
-    "temperature",
-    "unfrozen_layers",
+    "distillation_temperature",
+    "quantization_enabled",
+    "ranges_frozen",
+    "batch_norm_frozen",
+    "sparsity",
+    "pruning_step",
+    "int8_size_bytes",
+    "arena_bytes",
+    "fits_target",
 )
 
 
@@ -57,7 +63,8 @@ def training_curves(history: dict, path: str) -> str:
         bottom = axes[1, 0]
         for key in scheduled:
             values = np.asarray(history[key], "float64")
-            peak = np.abs(values).max() or 1.0
+            finite = values[np.isfinite(values)]
+            peak = (np.abs(finite).max() if finite.size else 0.0) or 1.0
             bottom.step(
                 epochs, values / peak, where="mid", label=f"{key} (/{peak:.3g})"
             )

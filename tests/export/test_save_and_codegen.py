@@ -62,12 +62,15 @@ def test_save_writes_all_files_and_c_array_matches(mcu_results, tmp_path):
     assert result.save(out) == str(out.resolve())
     names = sorted(p.name for p in out.iterdir())
     assert names == [
+        "flash.png",
+        "memory.png",
         "model.tflite",
         "model_data.cc",
         "model_data.h",
         "op_resolver.h",
         "report.json",
         "report.md",
+        "test_data.h",
     ]
     assert (out / "model.tflite").read_bytes() == result.tflite
     run = _compile_and_run(out, tmp_path)
