@@ -30,16 +30,18 @@ def _print_result(result, as_json: bool) -> int:
 def cmd_convert(args) -> int:
     from keras_microtune.export import convert
 
+    if args.project and not args.output:
+        raise ValueError("--project needs an output folder: add -o DIR.")
     result = convert(
         args.model,
         args.target,
         representative_data=args.calibration,
         validation_data=args.validation,
-        output_dir=args.output,
-        overwrite=args.overwrite,
         safe_mode=not args.unsafe_deserialization,
         verbose=0 if args.json else 1,
     )
+    if args.output:
+        result.save(args.output, overwrite=args.overwrite, project=args.project)
     return _print_result(result, args.json)
 
 
@@ -122,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation", help="validation .npz (x, y) for parity")
     p.add_argument("-o", "--output", help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace -o if not empty")
+    p.add_argument(
+        "--project",
+        action="store_true",
+        help="also write the TFLite Micro application template into -o",
+    )
     p.add_argument(
         "--unsafe-deserialization",
         action="store_true",

@@ -4,13 +4,16 @@ Run by path (not as a package module) so it imports only numpy and tflite_micro:
 
     python _tflm_worker.py arena MODEL LOW HIGH INPUTS.npz
     python _tflm_worker.py run MODEL ARENA N_OUTPUTS INPUTS.npz OUTPUTS.npz
+    python _tflm_worker.py time MODEL ARENA MODEL_B ARENA_B INPUTS.npz REPEATS
 
 `arena` prints one line per probe (`probe SIZE ok|fail`) and then
 `result SIZE`; the parent resumes from the printed probes if this process dies.
 `run` writes one array per output (`out0`, ...) stacked over the samples.
+`time` invokes the two models in turn and prints `time MEDIAN_S MEDIAN_B_S`.
 """
 
 import sys
+import time
 
 import numpy as np
 
@@ -72,6 +75,20 @@ def run(model, arena_size, n_outputs, inputs, out_path):
     np.savez(out_path, **{k: np.concatenate(v) for k, v in outputs.items()})
 
 
+def timing(models, arenas, inputs, repeats):
+    """Median invoke seconds of each model, invoked alternately on sample 0."""
+    interps = [_interpreter(m, a) for m, a in zip(models, arenas)]
+    times = [[] for _ in interps]
+    for _ in range(int(repeats)):
+        for interp, spent in zip(interps, times):
+            for i in range(len(inputs)):
+                interp.set_input(inputs[f"in{i}"][0:1], i)
+            start = time.perf_counter()
+            interp.invoke()
+            spent.append(time.perf_counter() - start)
+    print("time", *(float(np.median(t)) for t in times), flush=True)
+
+
 def main(argv):
     command, model_path = argv[1], argv[2]
     with open(model_path, "rb") as f:
@@ -82,6 +99,11 @@ def main(argv):
     elif command == "run":
         with np.load(argv[5], allow_pickle=False) as inputs:
             run(model, argv[3], argv[4], dict(inputs), argv[6])
+    elif command == "time":
+        with open(argv[4], "rb") as f:
+            other = f.read()
+        with np.load(argv[6], allow_pickle=False) as inputs:
+            timing([model, other], [argv[3], argv[5]], dict(inputs), argv[7])
     else:
         raise SystemExit(f"unknown command {command!r}")
 

@@ -13,7 +13,16 @@ import tempfile
 import numpy as np
 
 from keras_microtune import data as kmt_data
-from keras_microtune.export import _model, _tflite, codegen, parity, runtimes
+from keras_microtune.export import (
+    _model,
+    _tflite,
+    codegen,
+    memory_plan,
+    parity,
+    preprocessing,
+    runtimes,
+)
+from keras_microtune.export import compression as compression_lib
 from keras_microtune.export import report as report_lib
 from keras_microtune.export import targets as targets_lib
 
@@ -70,6 +79,10 @@ class ConversionResult:
     def fits(self) -> bool:
         return bool(self.report["budget"]["fits"])
 
+    def quantize_input(self, x):
+        """Raw inputs -> the integers the device feeds (see `report["input"]`)."""
+        return preprocessing.quantize_input(x, self.report["input"])
+
     def files(self, history=None, evaluations=None, project=False) -> dict[str, bytes]:
         """The artifacts `save` writes, by file name (see `save`)."""
         from keras_microtune.export import artifacts
@@ -77,7 +90,11 @@ class ConversionResult:
         out = {"model.tflite": self.tflite}
         if self.report["target"]["runtime"] == "tflm":
             generated = codegen.files(
-                self.tflite, self.name, self.ops, self.arena_bytes
+                self.tflite,
+                self.name,
+                self.ops,
+                self.arena_bytes,
+                input_report=self.report.get("input"),
             )
             out.update({k: v.encode() for k, v in generated.items()})
         extra = artifacts.extra_files(self, history, evaluations, project)
@@ -153,7 +170,7 @@ def save_files(files: dict[str, bytes], directory, overwrite: bool = False) -> s
     return dest
 
 
-def _tflite_convert(model, concrete, target, rep, qat, verbose):
+def _tflite_convert(model, concrete, target, rep, qat, verbose, input_type=None):
     import tensorflow as tf
 
     conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
@@ -168,8 +185,12 @@ def _tflite_convert(model, concrete, target, rep, qat, verbose):
         if rep is not None:
             conv.representative_dataset = _representative(rep, verbose)
         if target.io_dtype == "int8":
-            conv.inference_input_type = tf.int8
-            conv.inference_output_type = tf.int8
+            conv.inference_input_type = getattr(tf, input_type or "int8")
+            conv.inference_output_type = tf.int16 if input_type == "int16" else tf.int8
+            if input_type == "int16":  # TFLite's 16x8 mode: int16 activations.
+                conv.target_spec.supported_ops = [
+                    tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+                ]
     elif target.quantization == "float16":
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         conv.target_spec.supported_types = [tf.float16]
@@ -233,6 +254,7 @@ def convert(
     validation_data=None,
     output_dir: str | os.PathLike | None = None,
     compression: str | None = None,
+    input_type: str | None = None,
     strict: bool = False,
     overwrite: bool = False,
     safe_mode: bool = True,
@@ -250,7 +272,19 @@ def convert(
         validation_data: the same forms; parity against the float model is
             measured on it (else on calibration samples).
         output_dir: str or None. If given, `result.save(output_dir)` is called.
-        compression: None. Reserved for TFLite Micro weight compression.
+        compression: str or None. TFLite Micro targets only: `"lut1"` ...
+            `"lut7"` stores every int8 weight tensor whose values fit
+            `2**bits` per table (per output channel or per tensor) as bit
+            indices into value tables; `"auto"` picks the fewest bits per
+            tensor. Verified bit-exact in TFLite Micro; see
+            `report["compression"]`. Only TFLite Micro built with
+            `USE_TFLM_COMPRESSION=1` loads the result. Defaults to `None`.
+        input_type: str or None. MCU targets only: dtype of the model input,
+            `"int8"`, `"uint8"` (camera frames, 8-bit ADCs) or `"int16"`
+            (TFLite's 16x8 mode: int16 activations and output, int8 weights).
+            A leading `Rescaling`/`Normalization` is folded into the input
+            quantization (see `result.report["input"]`). Defaults to the
+            target's (`"int8"`).
         strict: bool. Raise instead of returning `fits=False` / unverified.
         overwrite: bool. Allow replacing a non-empty `output_dir`.
         safe_mode: bool. Keras safe deserialization for model files.
@@ -264,15 +298,15 @@ def convert(
         >>> result.arena_bytes, result.fits
     """
     target = targets_lib.get(target)
-    if compression is not None:
-        raise ValueError(
-            "Received an invalid value for `compression`, expected None (weight "
-            f"compression is not available yet). Received: compression={compression!r}"
-        )
+    bits = compression_lib.check(compression, target)
+    input_type = preprocessing.check_input_type(input_type, target)
     source, name = _model.load(model, safe_mode=safe_mode)
     specs = _model.input_specs(source)
     shapes = [shape for shape, _ in specs]
-    concrete = _model.trace(source, specs)
+    prep = preprocessing.plan(source, target)
+    converted_model = prep.model if prep else source  # Raw-unit preprocessing.
+    float_model = prep.model if prep and prep.folded else source
+    concrete = _model.trace(converted_model, specs)
     qat = _model.is_quantization_aware(concrete)
     rep = val = y_val = None
     if representative_data is not None:
@@ -286,21 +320,44 @@ def convert(
             "unless the model was trained with quantization-aware training "
             "(kmt.optimize.quantize_model)."
         )
-    converted = _tflite_convert(source, concrete, target, rep, qat, verbose)
+    converted = _tflite_convert(
+        converted_model,
+        concrete,
+        target,
+        prep.transform(rep) if prep else rep,
+        qat,
+        verbose,
+        input_type,
+    )
     tflite, saved = converted, 0
     info = _tflite.parse(tflite)
     if target.is_mcu:
-        _check_mcu_ops(info, target)
+        _check_mcu_ops(info, target, input_type)
         tflite = _tflite.strip(converted)
         saved = len(converted) - len(tflite)
         info = _tflite.parse(tflite)
-    result = _measure(tflite, info, target, name, converted_bytes=converted)
+    plain, compressed = tflite, None  # LiteRT parity runs on the uncompressed one.
+    if bits is not None:  # Before the memory plan: compression adds tensors.
+        x_check = val if val is not None else rep
+        if prep and x_check is not None:
+            x_check = prep.transform(x_check)
+        tflite, compressed = compression_lib.apply(tflite, bits, x_check)
+        info = _tflite.parse(tflite)
+    result = _measure(tflite, info, target, name, offline_plan=target.is_mcu)
+    tflite = result.tflite  # With the offline memory plan when it helps.
+    if compressed is not None:
+        result.report["compression"] = compressed
     x_eval = val if val is not None else rep
     if x_eval is None:  # QAT without data: seeded random inputs in a typical range.
         rng = np.random.default_rng(0)
         x_eval = [rng.uniform(-1, 1, (8, *s)).astype("float32") for s in shapes]
     result.report["parity"] = parity.measure(
-        source, tflite, target, x_eval, y_val, result.arena_bytes
+        float_model,
+        tflite if compressed is None else plain,
+        target,
+        prep.transform(x_eval) if prep else x_eval,
+        y_val,
+        result.arena_bytes,
     )
     result.report["parity"]["data"] = (
         "validation_data"
@@ -312,26 +369,28 @@ def convert(
     result.report["conversion"] = {
         "quantization": target.quantization,
         "io_dtype": target.io_dtype,
+        "input_type": input_type or target.io_dtype,
         "quantization_aware_training": qat,
         "calibration_samples": 0 if rep is None else min(len(rep[0]), _MAX_CALIBRATION),
         "batch_size": 1,
     }
     result.report["stripped_bytes_saved"] = saved
-    result.report["verified"] = bool(result.parity.get("tflm_within_one_step", True))
+    result.report["input"] = preprocessing.describe_input(plain, prep)
+    result.report["verified"] = bool(result.parity.get("tflm_within_tolerance", True))
     _enforce(result, strict)
     if output_dir is not None:
         result.save(output_dir, overwrite=overwrite)
     return result
 
 
-def _check_mcu_ops(info, target):
+def _check_mcu_ops(info, target, input_type=None):
     bad = sorted(
         op for op in info.ops if op in _MCU_FORBIDDEN or op.startswith("CUSTOM")
     )
     float_io = [
         info.tensors[t].dtype
         for t in info.inputs + info.outputs
-        if info.tensors[t].dtype != "int8"
+        if info.tensors[t].dtype not in {"int8", input_type}
     ]
     if bad or float_io:
         raise ValueError(
@@ -340,13 +399,21 @@ def _check_mcu_ops(info, target):
         )
 
 
-def _measure(tflite, info, target, name, converted_bytes=None):
-    """Arena (TFLM), Vela, lower bound and budgets -> a ConversionResult."""
+def _measure(tflite, info, target, name, offline_plan=False):
+    """Arena (TFLM), Vela, lower bound and budgets -> a ConversionResult.
+
+    With `offline_plan`, an offline memory plan is embedded when it lowers the
+    measured arena (`memory_plan.apply`; not for NPU targets, Vela plans those).
+    """
     lower = _tflite.activation_lower_bound(info)
-    arena = None
+    arena, plan_memory = None, {}
     if target.is_mcu:
         try:
-            arena = runtimes.measure_arena(tflite, lower)
+            if offline_plan and not target.accelerator:
+                tflite, arena, plan_memory = memory_plan.apply(tflite, info, lower)
+            else:
+                arena = runtimes.measure_arena(tflite, lower)
+                plan_memory = {"offline_plan": memory_plan.read(tflite) is not None}
         except runtimes.RuntimeFailure as e:
             raise ValueError(
                 f"TFLite Micro cannot run this model (ops: {info.ops}): {e}"
@@ -368,6 +435,7 @@ def _measure(tflite, info, target, name, converted_bytes=None):
         conversion={"quantization": target.quantization},
         tensor_arena_size=codegen.arena_size(arena["arena_bytes"]) if arena else None,
     )
+    report["memory"].update(plan_memory)
     return ConversionResult(tflite=tflite, report=report, name=str(name))
 
 

@@ -17,6 +17,14 @@ CHUNK = 256  # samples per TFLite Micro child process / progress-bar step
 EVAL_ARENA_BYTES = 16 * 1024 * 1024  # generous: evaluation is not sizing
 
 
+def _input_quantizer(model_or_tflite):
+    """A ConversionResult's raw-input quantizer, when it reports one."""
+    report = getattr(model_or_tflite, "report", None) or {}
+    if "input" in report and hasattr(model_or_tflite, "quantize_input"):
+        return model_or_tflite.quantize_input
+    return None
+
+
 def _load_model(model_or_tflite):
     """Return ("keras", model) or ("tflite", bytes).
 
@@ -34,11 +42,16 @@ def _load_model(model_or_tflite):
     return "keras", _model.load(model_or_tflite)[0]
 
 
-def _predict_tflite(tflite, xs, runtime, verbose):
+def _predict_tflite(tflite, xs, runtime, verbose, input_quantizer=None):
     from keras_microtune.export import runtimes
 
     ins, outs = runtimes.io_details(tflite)
+    raw_first = xs[0]
     xs = [runtimes.quantize(x, d) for x, d in zip(xs, ins)]
+    if input_quantizer is not None:
+        # A ConversionResult knows its device input in raw units (folded
+        # Rescaling/Normalization): quantize exactly as the device does.
+        xs[0] = np.asarray(input_quantizer(raw_first)).astype(ins[0]["dtype"])
     n = len(xs[0])
     bar = keras.utils.Progbar(n, unit_name="sample") if verbose else None
     chunks = []
@@ -167,7 +180,9 @@ def evaluate(model_or_tflite, x, y=None, runtime=None, metrics=None, verbose=0):
     if kind == "keras":
         outputs = _model.predict(model, xs)[0]
     else:
-        outputs = _predict_tflite(model, xs, runtime, verbose)
+        outputs = _predict_tflite(
+            model, xs, runtime, verbose, _input_quantizer(model_or_tflite)
+        )
     outputs = outputs.astype("float32")
     if _is_classification(y, outputs):
         result, names = _classifier_metrics(y, outputs), CLASSIFIER_METRICS

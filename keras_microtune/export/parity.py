@@ -8,11 +8,12 @@ from keras_microtune.export import _model, _tflite, runtimes
 
 MAX_SAMPLES = 256  # Samples compared between the float model and LiteRT.
 MAX_TFLM_SAMPLES = 16  # Samples compared bit for bit between TFLM and LiteRT.
-# TFLite Micro and LiteRT's reference kernels are built with different
-# fixed-point rounding: FULLY_CONNECTED over several rows (a Dense or
-# MicroTune on a feature map) can differ by one quantization step. Anything
-# larger fails verification.
-TFLM_TOLERANCE_STEPS = 1
+# TFLite Micro's int8 FULLY_CONNECTED rounds its requantization differently
+# from LiteRT's reference kernel: one step per layer, which accumulates through
+# a deep stack of dense layers (a 10-layer autoencoder ends 4 steps apart).
+# Verification passes within 5 steps (2% of the int8 range); the exact
+# difference is always reported (`tflm_max_abs_diff`, `tflm_matches_litert`).
+TFLM_TOLERANCE_STEPS = 5
 
 
 def metrics(reference: np.ndarray, actual: np.ndarray) -> dict:
@@ -68,5 +69,8 @@ def measure(source, tflite, target, xs, y=None, arena_bytes=None) -> dict:
     out["tflm_matches_litert"] = bool(
         all(np.array_equal(a, b) for a, b in zip(tflm_raw, ref_raw))
     )
-    out["tflm_within_one_step"] = bool(out["tflm_max_abs_diff"] <= TFLM_TOLERANCE_STEPS)
+    out["tflm_tolerance_steps"] = TFLM_TOLERANCE_STEPS
+    out["tflm_within_tolerance"] = bool(
+        out["tflm_max_abs_diff"] <= TFLM_TOLERANCE_STEPS
+    )
     return out

@@ -57,7 +57,7 @@ def build(
             round(arena["arena_bytes"] / lower_bound, 3) if lower_bound else None
         )
         memory["tensor_arena_size"] = tensor_arena_size
-    verified = bool(parity is None or parity.get("tflm_within_one_step", True))
+    verified = bool(parity is None or parity.get("tflm_within_tolerance", True))
     return {
         "target": dataclasses.asdict(target),
         "conversion": conversion,
@@ -93,12 +93,19 @@ def rows(report: dict) -> list[tuple[str, str]]:
         ("stripped", f"{report['stripped_bytes_saved']:,} B saved"),
         ("ops", ", ".join(report["ops"])),
     ]
+    if report.get("input"):  # What the device must feed (preprocessing).
+        out.append(("device input", report["input"]["feed"]))
     if "arena_bytes" in mem:
         out += [
             ("tensor arena (measured)", _kib(mem["arena_bytes"])),
             ("activation lower bound", _kib(mem["activation_lower_bound_bytes"])),
             ("arena / lower bound", str(mem["arena_over_lower_bound"])),
         ]
+    if "offline_plan" in mem:
+        plan = "no"
+        if mem["offline_plan"]:
+            plan = f"yes: arena without it {_kib(mem['arena_bytes_without_plan'])}"
+        out.append(("offline memory plan", plan))
     if report["vela"]:
         v = report["vela"]
         out += [
@@ -112,6 +119,9 @@ def rows(report: dict) -> list[tuple[str, str]]:
                 f"{v['inferences_per_second']:.1f} ({v['cycles']:,} cycles)",
             ),
         ]
+    from keras_microtune.export import compression
+
+    out += compression.rows(report)
     for key, value in (report["parity"] or {}).items():
         if isinstance(value, float):
             value = f"{value:.6g}"

@@ -24,11 +24,41 @@ class RuntimeFailure(RuntimeError):
 
 
 def io_details(tflite: bytes) -> tuple[list[dict], list[dict]]:
-    """LiteRT's input and output details (dtype, shape, quantization)."""
+    """LiteRT's input and output details (dtype, shape, quantization).
+
+    Models LiteRT cannot load because TFLite Micro's weight compression
+    (`TFLM_DECODE`) is in them are described from the flatbuffer.
+    """
     from ai_edge_litert.interpreter import Interpreter
 
-    interp = Interpreter(model_content=bytes(tflite))
+    try:
+        interp = Interpreter(model_content=bytes(tflite))
+    except ValueError:
+        if "CUSTOM:TFLM_DECODE" not in _tflite.parse(tflite).ops:
+            raise
+        return _flatbuffer_io_details(tflite)
     return interp.get_input_details(), interp.get_output_details()
+
+
+def _flatbuffer_io_details(tflite: bytes) -> tuple[list[dict], list[dict]]:
+    schema = _tflite._schema()
+    sub = schema.Model.GetRootAs(bytes(tflite), 0).Subgraphs(0)
+    info = _tflite.parse(tflite)
+
+    def detail(index):
+        tensor, spec = sub.Tensors(index), info.tensors[index]
+        q = tensor.Quantization()
+        scale = zero = 0
+        if q is not None and q.ScaleLength():
+            scale, zero = float(q.Scale(0)), int(q.ZeroPoint(0))
+        return {
+            "index": index,
+            "dtype": np.dtype(spec.dtype).type,
+            "shape": np.array(spec.shape, "int32"),
+            "quantization": (scale, zero),
+        }
+
+    return [detail(t) for t in info.inputs], [detail(t) for t in info.outputs]
 
 
 def quantize(x: np.ndarray, detail: dict) -> np.ndarray:
@@ -142,6 +172,35 @@ def tflm_run(tflite: bytes, inputs: list[np.ndarray], arena_bytes: int, timeout=
             return [out[f"out{k}"] for k in range(len(info.outputs))]
 
 
+def tflm_invoke_times(
+    tflite: bytes,
+    arena_bytes: int,
+    other: bytes,
+    other_arena_bytes: int,
+    inputs: list[np.ndarray],
+    repeats: int = 30,
+    timeout=600,
+) -> tuple[float, float]:
+    """Median TFLite Micro invoke seconds of two models, timed alternately in
+    one child process (same inputs, sample 0)."""
+    with tempfile.TemporaryDirectory(prefix="kmt_tflm_") as tmp:
+        paths = [os.path.join(tmp, n) for n in ("a.tflite", "b.tflite", "i.npz")]
+        for path, data in zip(paths, (tflite, other)):
+            with open(path, "wb") as f:
+                f.write(data)
+        np.savez(paths[2], **{f"in{i}": x for i, x in enumerate(inputs)})
+        args = [paths[0], arena_bytes, paths[1], other_arena_bytes, paths[2]]
+        proc = _worker(["time", *args, repeats], timeout)
+        for line in proc.stdout.splitlines():
+            if line.startswith("time "):
+                first, second = (float(v) for v in line.split()[1:3])
+                return first, second
+        raise RuntimeFailure(
+            f"TFLite Micro timing failed (exit code {proc.returncode}): "
+            f"{_error_lines(proc.stderr + proc.stdout)}"
+        )
+
+
 def measure_arena(tflite: bytes, lower_bound: int = 0, timeout=600) -> dict:
     """Smallest tensor arena (16-byte steps) with which TFLite Micro allocates
     and invokes the model, found by bisection in a child process.
@@ -162,6 +221,7 @@ def measure_arena(tflite: bytes, lower_bound: int = 0, timeout=600) -> dict:
         with open(model_path, "wb") as f:
             f.write(tflite)
         np.savez(in_path, **_zeros(info))
+        high_ok = False  # whether `high` was seen to allocate
         for _attempt in range(64):
             proc = _worker(["arena", model_path, low, high, in_path], timeout)
             result = None
@@ -169,7 +229,10 @@ def measure_arena(tflite: bytes, lower_bound: int = 0, timeout=600) -> dict:
                 parts = line.split()
                 if parts[:1] == ["probe"]:
                     size = int(parts[1])
-                    low, high = (low, size) if parts[2] == "ok" else (size, high)
+                    if parts[2] == "ok":
+                        high, high_ok = size, True
+                    else:
+                        low = size
                 elif parts[:1] == ["result"]:
                     result = parts[1:]
             if result and result[0] == "none":
@@ -182,6 +245,10 @@ def measure_arena(tflite: bytes, lower_bound: int = 0, timeout=600) -> dict:
                 continue
             if result is None:  # The child died (crash): skip the probe it was on.
                 low = (low + high) // 2 // 16 * 16
+                if high - low <= 16 and high_ok:
+                    low = high - 16  # next run only confirms `high` with an invoke
+                    high_ok = False
+                    continue
                 if high - low <= 16:
                     raise RuntimeFailure(
                         f"TFLite Micro crashed (exit code {proc.returncode}): "

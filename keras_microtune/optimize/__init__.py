@@ -13,10 +13,23 @@ Public API:
 Hooks for schedules (`kmt.callbacks`): `set_quantization_enabled`,
 `freeze_ranges`, `freeze_batch_norm`, `update_pruning_masks`,
 `pruning_summary`, and the `pruning_step` variable of `PruneLowMagnitude`.
-Clustering (`cluster_weights`, `strip_clustering`) will live in
-`optimize/cluster.py`.
+- `cluster_weights(model, number_of_clusters=16, ...)` and
+  `strip_clustering(model)`: weight clustering for TFLite Micro's LUT
+  compression (`optimize/cluster.py`), with the hooks
+  `update_cluster_assignments`, `freeze_assignments`, `freeze_centroids`,
+  `clustering_summary` and `preserve_clusters` (cluster-preserving QAT).
 """
 
+from keras_microtune.optimize.cluster import (
+    ClusterWeights,
+    cluster_weights,
+    clustering_summary,
+    freeze_assignments,
+    freeze_centroids,
+    preserve_clusters,
+    strip_clustering,
+    update_cluster_assignments,
+)
 from keras_microtune.optimize.hooks import (
     freeze_batch_norm,
     freeze_ranges,
@@ -37,15 +50,23 @@ from keras_microtune.optimize.quantizers import ActivationQuantizer
 __all__ = [
     "QUANTIZE_REGISTRY",
     "ActivationQuantizer",
+    "ClusterWeights",
     "PruneLowMagnitude",
     "QuantizeConv",
     "QuantizedMicroTune",
+    "cluster_weights",
+    "clustering_summary",
+    "freeze_assignments",
     "freeze_batch_norm",
+    "freeze_centroids",
     "freeze_ranges",
     "prune_low_magnitude",
+    "preserve_clusters",
     "pruning_summary",
     "quantize_model",
     "set_quantization_enabled",
     "strip",
+    "strip_clustering",
+    "update_cluster_assignments",
     "update_pruning_masks",
 ]

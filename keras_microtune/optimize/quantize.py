@@ -236,10 +236,16 @@ def _quantize_graph(model, unsupported, sparse, quantize_inputs):
 
 
 def _quantize(model, unsupported, sparse, quantize_inputs):
-    from keras_microtune.optimize import prune
+    from keras_microtune.optimize import cluster, prune
 
+    clusters = cluster.number_of_clusters(model)
+    if clusters:  # Cluster-preserving QAT: clustered kernels stay clustered.
+        model = cluster.strip_clustering(model)
     model = prune.strip_pruning_for_quantization(model)
-    return _quantize_graph(as_functional(model), unsupported, sparse, quantize_inputs)
+    qat = _quantize_graph(as_functional(model), unsupported, sparse, quantize_inputs)
+    if clusters:
+        cluster.preserve_clusters(qat, clusters)
+    return qat
 
 
 def quantize_model(model, unsupported="raise", preserve_sparsity=True):
@@ -263,6 +269,10 @@ def quantize_model(model, unsupported="raise", preserve_sparsity=True):
         preserve_sparsity: bool. Keep weights that are exactly zero at zero
             (prune first, then quantize: PQAT). Pruning wrappers are
             stripped first. Defaults to `True`.
+
+    A model from `kmt.optimize.cluster_weights` is stripped of its
+    clustering wrappers and its kernels are constrained to stay clustered
+    (cluster-preserving QAT, `kmt.optimize.preserve_clusters`).
 
     Returns:
         A new Functional keras.Model.

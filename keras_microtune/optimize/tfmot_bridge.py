@@ -64,3 +64,16 @@ def strip_pruning(model):
 def update_pruning_step_callback():
     """tfmot's callback that advances pruning steps (needed in tf_keras fit)."""
     return tfmot().sparsity.keras.UpdatePruningStep()
+
+
+def cluster_weights(model, number_of_clusters):
+    clustering = tfmot().clustering.keras
+    return clustering.cluster_weights(
+        model,
+        number_of_clusters=number_of_clusters,
+        cluster_centroids_init=clustering.CentroidInitialization.LINEAR,
+    )
+
+
+def strip_clustering(model):
+    return tfmot().clustering.keras.strip_clustering(model)

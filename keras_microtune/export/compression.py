@@ -1,0 +1,305 @@
+"""TFLite Micro weight compression: int8 weights stored as LUT indices.
+
+TFLite Micro can store a constant tensor as 1-7-bit indices into small value
+tables (one per output channel, or one per tensor) and decode it at run time
+with a `TFLM_DECODE` operator that its compression library inserts. A weight
+tensor fits when each table needs at most `2**bits` values: clustered models
+(`kmt.optimize.cluster_weights`) are built for this. Tables are always per
+output channel (axis 0, or the quantized dimension of per-channel int8
+tensors such as depthwise filters).
+
+`apply(tflite, compression)` finds the CONV_2D, DEPTHWISE_CONV_2D,
+FULLY_CONNECTED and TRANSPOSE_CONV filters that fit and shrink, compresses
+them with `tflite_micro`'s compression library, checks in TFLite Micro that
+the outputs equal the uncompressed model's bit for bit, and measures the
+arena (decoded weights live in it) and the invoke time of both models.
+
+Only TFLite Micro built with compression support (`USE_TFLM_COMPRESSION=1`)
+loads the result; LiteRT cannot.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from keras_microtune.export import _tflite, runtimes
+
+CHOICES = tuple(f"lut{b}" for b in range(1, 8)) + ("auto",)
+RUNTIME_NOTE = (
+    "TFLite Micro built with compression support (USE_TFLM_COMPRESSION=1) "
+    "only; LiteRT and TFLite Micro without it cannot load this file"
+)
+_WEIGHT_OPS = {
+    "CONV_2D": 1,
+    "DEPTHWISE_CONV_2D": 1,
+    "FULLY_CONNECTED": 1,
+    "TRANSPOSE_CONV": 1,
+}
+_DCM_BYTES = 16  # Decode common metadata at the head of the ancillary data.
+_OVERHEAD_BYTES = 160  # Extra tensor, buffer and DECODE operator (measured).
+
+
+class CompressionError(RuntimeError):
+    """The compressed model does not reproduce the uncompressed one."""
+
+
+def check(compression, target) -> int | str | None:
+    """Validate `compression` for `target`; return bits, `"auto"` or None."""
+    if compression is None:
+        return None
+    if compression not in CHOICES:
+        raise ValueError(
+            "Received an invalid value for `compression`, expected None or one "
+            f"of {CHOICES}. Received: compression={compression!r}"
+        )
+    if not target.is_mcu:
+        raise ValueError(
+            f"Target {target.name!r} runs on LiteRT, which cannot load models "
+            f"with TFLite Micro's LUT weight compression "
+            f"(compression={compression!r}). Use compression=None for mobile "
+            "targets, or a TFLite Micro target such as 'mcu' or 'cortex-m4'."
+        )
+    return "auto" if compression == "auto" else int(compression[3:])
+
+
+def _bits(values: int) -> int:
+    return max(1, int(values - 1).bit_length())
+
+
+def _tables(array, axis):
+    return [np.unique(s) for s in np.moveaxis(array, axis, 0)]
+
+
+def _estimate(array, axis, bits):
+    tables = _tables(array, axis)
+    stride = max(len(t) for t in tables)
+    indices = (array.size * bits + 7) // 8
+    return indices + _DCM_BYTES + stride * len(tables) * array.itemsize
+
+
+def plan(tflite: bytes, bits) -> tuple[list[dict], list[dict]]:
+    """Weight tensors to compress, and the ones that do not fit or shrink.
+
+    Args:
+        tflite: bytes. An int8 TFLite Micro model.
+        bits: int (index bits) or `"auto"` (the fewest bits that fit, 1-7).
+
+    Returns:
+        (chosen, skipped): dicts with `tensor`, `op`, `shape`, `bytes_before`,
+        and for chosen ones `index_bits`, `axis` (the table axis) and
+        `estimated_bytes_after`; skipped ones give a `reason`.
+    """
+    from tflite_micro.tensorflow.lite.micro.compression import model_editor
+
+    model = model_editor.read(bytes(tflite))
+    subgraph = model.subgraphs[0]
+    chosen, skipped, seen = [], [], set()
+    for op in subgraph.operators:
+        position = _WEIGHT_OPS.get(op.opcode_name)
+        if position is None or len(op.inputs) <= position:
+            continue
+        tensor = op.inputs[position]
+        if tensor is None or id(tensor) in seen or tensor.buffer is None:
+            continue
+        if not len(tensor.buffer.data):
+            continue
+        seen.add(id(tensor))
+        array = tensor.array
+        if array.dtype != np.int8:
+            continue
+        entry = {
+            "tensor": subgraph.tensors.index(tensor),
+            "op": op.opcode_name,
+            "shape": [int(d) for d in array.shape],
+            "bytes_before": int(array.nbytes),
+        }
+        best = None
+        quant = tensor.quantization
+        per_channel = quant is not None and np.size(quant.scales) > 1
+        # One table per output channel. Per-tensor tables (one for the whole
+        # tensor) decode wrongly in the tflite-micro Python runtime tested
+        # here, so they are not used.
+        axes = [int(quant.axis or 0) if per_channel else 0]
+        for axis in axes:
+            needed = _bits(max(len(t) for t in _tables(array, axis)))
+            use = needed if bits == "auto" else bits
+            if needed > use or use > 7:
+                continue
+            size = _estimate(array, axis, use) + _OVERHEAD_BYTES
+            if best is None or size < best[0]:
+                best = (size, axis, use)
+        if best is None:
+            values = max(len(t) for t in _tables(array, axes[-1]))
+            entry["reason"] = f"{values} values per table, more than 2**{bits}"
+            skipped.append(entry)
+        elif best[0] >= entry["bytes_before"]:
+            entry["reason"] = "no smaller when compressed"
+            skipped.append(entry)
+        else:
+            entry.update(
+                index_bits=best[2], axis=best[1], estimated_bytes_after=best[0]
+            )
+            chosen.append(entry)
+    return chosen, skipped
+
+
+def compress(tflite: bytes, chosen: list[dict]) -> bytes:
+    """The model with the `chosen` tensors LUT-compressed (DECODE ops inserted)."""
+    from tflite_micro.tensorflow.lite.micro.compression import compress as lib
+    from tflite_micro.tensorflow.lite.micro.compression import spec
+
+    specs = [
+        spec.Tensor(
+            subgraph=0,
+            tensor=entry["tensor"],
+            compression=[
+                spec.LookUpTableCompression(
+                    index_bitwidth=entry["index_bits"],
+                    mode=spec.PerChannel(axis=entry["axis"]),
+                )
+            ],
+        )
+        for entry in chosen
+    ]
+    return bytes(lib(bytes(tflite), specs))
+
+
+def _check_inputs(tflite, x_check, samples=8):
+    info = _tflite.parse(tflite)
+    rng = np.random.default_rng(0)
+    out = []
+    for k, t in enumerate(info.inputs):
+        spec = info.tensors[t]
+        dtype = np.dtype(spec.dtype)
+        shape = (samples, *spec.shape[1:])
+        if np.issubdtype(dtype, np.integer):
+            lim = np.iinfo(dtype)
+            x = rng.integers(lim.min, lim.max, shape, endpoint=True).astype(dtype)
+        else:
+            x = rng.normal(size=shape).astype(dtype)
+        if x_check is not None:
+            details, _ = runtimes.io_details(tflite)
+            real = runtimes.quantize(np.asarray(x_check[k][:32]), details[k])
+            x = np.concatenate([real, x]).astype(dtype)
+        out.append(x)
+    return out
+
+
+def apply(
+    tflite: bytes, compression, x_check=None, timing_repeats: int = 30
+) -> tuple[bytes, dict]:
+    """Compress `tflite` as `compression` asks, verify it, and measure it.
+
+    Args:
+        tflite: bytes. A stripped int8 model for TFLite Micro (no offline
+            memory plan yet: compression adds tensors).
+        compression: int (index bits) or `"auto"`, from `check`.
+        x_check: list of float arrays or None. Real inputs for the
+            bit-exactness check, besides seeded random int8 inputs.
+        timing_repeats: int. Invokes of each model for the median time.
+
+    Returns:
+        (model, report): the compressed model (or `tflite` when nothing fits
+        and `compression="auto"`) and the `report["compression"]` dict.
+
+    Raises:
+        ValueError: an explicit `lutN` and no weight tensor fits.
+        CompressionError: TFLite Micro outputs differ from the uncompressed
+            model's.
+    """
+    requested = "auto" if compression == "auto" else f"lut{compression}"
+    chosen, skipped = plan(tflite, compression)
+    report = {
+        "method": "lut",
+        "requested": requested,
+        "tensors": [],
+        "skipped": [
+            {k: e[k] for k in ("tensor", "op", "shape", "bytes_before", "reason")}
+            for e in skipped
+        ],
+        "size_bytes_before": len(tflite),
+        "size_bytes_after": len(tflite),
+        "loads_in": "LiteRT and TFLite Micro",
+    }
+    if not chosen:
+        if compression != "auto":
+            worst = ", ".join(f"{e['op']} {e['shape']}: {e['reason']}" for e in skipped)
+            raise ValueError(
+                f"compression={requested!r}: no weight tensor fits {requested} "
+                f"({worst or 'no int8 weights'}). Cluster the model first: "
+                f"kmt.optimize.cluster_weights(model, number_of_clusters="
+                f"{2**compression}), fine-tune, strip_clustering, then convert."
+            )
+        return tflite, report
+    compressed = compress(tflite, chosen)
+    if len(compressed) >= len(tflite):  # Tables and DECODE ops cost more.
+        report["not_applied"] = (
+            f"compressed model not smaller ({len(compressed):,} B vs {len(tflite):,} B)"
+        )
+        return tflite, report
+    for entry in chosen:
+        after = entry["estimated_bytes_after"] - _OVERHEAD_BYTES
+        report["tensors"].append(
+            {
+                "tensor": entry["tensor"],
+                "op": entry["op"],
+                "shape": entry["shape"],
+                "index_bits": entry["index_bits"],
+                "table_axis": entry["axis"],
+                "bytes_before": entry["bytes_before"],
+                "bytes_after": after,
+            }
+        )
+    lower = _tflite.activation_lower_bound(_tflite.parse(tflite))
+    plain_arena = runtimes.measure_arena(tflite, lower)["arena_bytes"]
+    arena = runtimes.measure_arena(compressed, lower)["arena_bytes"]
+    xs = _check_inputs(tflite, x_check)
+    a = runtimes.tflm_run(tflite, xs, plain_arena)
+    b = runtimes.tflm_run(compressed, xs, arena)
+    if not all(np.array_equal(u, v) for u, v in zip(a, b)):
+        raise CompressionError(
+            "TFLite Micro outputs of the compressed model differ from the "
+            "uncompressed int8 model's; the model was not compressed."
+        )
+    plain_s, compressed_s = runtimes.tflm_invoke_times(
+        tflite, plain_arena, compressed, arena, [x[:1] for x in xs], timing_repeats
+    )
+    report.update(
+        size_bytes_after=len(compressed),
+        size_ratio=round(len(compressed) / len(tflite), 4),
+        arena_bytes_without_compression=plain_arena,
+        arena_bytes_with_compression=arena,
+        bit_exact=True,
+        samples_checked=int(len(xs[0])),
+        invoke_us_without_compression=round(plain_s * 1e6, 1),
+        invoke_us_with_compression=round(compressed_s * 1e6, 1),
+        invoke_time_ratio=round(compressed_s / plain_s, 3) if plain_s else None,
+        loads_in=RUNTIME_NOTE,
+    )
+    return compressed, report
+
+
+def rows(report: dict) -> list[tuple[str, str]]:
+    """(label, value) rows for the conversion report's summary table."""
+    c = report.get("compression")
+    if not c:
+        return []
+    out = [("weight compression", f"{c['requested']}: {len(c['tensors'])} tensors")]
+    if c["tensors"]:
+        before = sum(t["bytes_before"] for t in c["tensors"])
+        after = sum(t["bytes_after"] for t in c["tensors"])
+        out += [
+            ("compressed weights", f"{before:,} B -> {after:,} B"),
+            (
+                "model size with/without compression",
+                f"{c['size_bytes_after']:,} B / {c['size_bytes_before']:,} B",
+            ),
+            (
+                "arena with/without compression",
+                f"{c['arena_bytes_with_compression']:,} B / "
+                f"{c['arena_bytes_without_compression']:,} B",
+            ),
+            ("invoke time compressed / plain", str(c["invoke_time_ratio"])),
+        ]
+    out.append(("runs in", c["loads_in"]))
+    return out

@@ -1,0 +1,244 @@
+"""Preprocessing that ships with the model: leading `Rescaling` / `Normalization`.
+
+A model that starts with Keras' `Rescaling` or (adapted) `Normalization` layers
+computes `x = raw * scale + offset` on its input. For microcontroller targets
+the device should be fed raw values (sensor counts, pixel bytes), so:
+
+- per-tensor affine (one scale, one offset, scale > 0): the layers are removed
+  from the converted model and folded into the input's quantization. The
+  device already turns each raw value into an integer,
+  `q = round(raw / input_scale + zero_point)`; with the folded scale and zero
+  point that same step yields the quantized normalized input exactly (the
+  zero point may be fractional, so nothing is rounded away). No op runs on
+  the device for the preprocessing.
+- per-channel affine: the layers are replaced by one `Rescaling` (int8 `MUL`,
+  plus `ADD` when there is an offset), calibrated on raw data, so the model's
+  input tensor is in raw units.
+
+`describe_input` states what the device must feed; `quantize_input` does it in
+numpy, as the generated C helper `quantize_input()` does on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+_DTYPE_RANGE = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
+
+
+@dataclasses.dataclass
+class Affine:
+    """`x = raw * scale + offset`, arrays broadcastable to `(1, *input_shape)`."""
+
+    scale: np.ndarray
+    offset: np.ndarray
+    layers: list
+
+    @property
+    def per_tensor(self) -> bool:
+        return bool(np.ptp(self.scale) == 0 and np.ptp(self.offset) == 0)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return (x * self.scale + self.offset).astype("float32")
+
+    def then(self, scale, offset, layer) -> Affine:
+        """This affine followed by `x * scale + offset`."""
+        return Affine(
+            self.scale * scale, self.offset * scale + offset, [*self.layers, layer]
+        )
+
+
+@dataclasses.dataclass
+class Plan:
+    """How a model's leading preprocessing is converted.
+
+    Attributes:
+        affine: the composed affine of the leading layers.
+        model: the model to convert (without the layers when `folded`).
+        folded: True when the affine lives in the input quantization.
+    """
+
+    affine: Affine
+    model: object
+    folded: bool
+
+    def transform(self, xs):
+        """Raw inputs -> what `model` takes (normalized when folded)."""
+        if xs is None or not self.folded:
+            return xs
+        return [self.affine(xs[0]), *xs[1:]]
+
+
+INPUT_TYPES = ("int8", "uint8", "int16")
+
+
+def check_input_type(input_type, target):
+    """Validate `convert(..., input_type=...)` for `target`; return it."""
+    if input_type is None:
+        return None
+    if input_type not in INPUT_TYPES:
+        raise ValueError(
+            "Received an invalid value for `input_type`, expected None or one of "
+            f"{list(INPUT_TYPES)}. Received: input_type={input_type!r}"
+        )
+    if not target.is_mcu:
+        raise ValueError(
+            f"`input_type` applies to microcontroller targets (TFLite Micro); "
+            f"target {target.name!r} runs on LiteRT with "
+            f"{target.io_dtype} inputs. Received: input_type={input_type!r}"
+        )
+    return input_type
+
+
+def _layer_affine(layer):
+    """`(scale, offset)` of a Rescaling or adapted Normalization layer, or None."""
+    import keras
+
+    if isinstance(layer, keras.layers.Rescaling):
+        return (
+            np.asarray(layer.scale, dtype="float64"),
+            np.asarray(layer.offset, dtype="float64"),
+        )
+    if isinstance(layer, keras.layers.Normalization) and layer.mean is not None:
+        mean = np.asarray(layer.mean, dtype="float64")
+        std = np.maximum(
+            np.sqrt(np.asarray(layer.variance, "float64")), keras.config.epsilon()
+        )
+        if layer.invert:
+            return std, mean
+        return 1.0 / std, -mean / std
+    return None
+
+
+def leading_affine(model):
+    """`(Affine, model without those layers)` for a single-input Keras 3 model
+    that starts with Rescaling/Normalization layers; `(None, None)` otherwise."""
+    import keras
+
+    if not isinstance(model, keras.Model) or keras.backend.backend() != "tensorflow":
+        return None, None
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        return None, None
+    if not inputs or len(inputs) != 1:
+        return None, None
+    shape = (1, *inputs[0].shape[1:])
+    affine = Affine(np.ones(shape), np.zeros(shape), [])
+    tensor, last = inputs[0], None
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        params = _layer_affine(layer)
+        try:
+            if params is None or layer.input is not tensor:
+                break
+            output = layer.output
+        except (AttributeError, ValueError):  # Called more than once.
+            break
+        affine = affine.then(*params, layer.name)
+        tensor, last = output, layer
+    if last is None:
+        return None, None
+    try:
+        rest = keras.Model(tensor, model.outputs, name=model.name)
+    except ValueError:  # The raw input feeds another layer too.
+        return None, None
+    affine.scale = np.broadcast_to(affine.scale, shape).astype("float64")
+    affine.offset = np.broadcast_to(affine.offset, shape).astype("float64")
+    return affine, rest
+
+
+def plan(model, target) -> Plan | None:
+    """The preprocessing plan for `model` on `target` (None: nothing to do)."""
+    if not (target.is_mcu and target.quantization == "int8"):
+        return None
+    affine, rest = leading_affine(model)
+    if affine is None:
+        return None
+    if affine.per_tensor and float(affine.scale.flat[0]) > 0:
+        return Plan(affine, rest, folded=True)
+    import keras
+
+    # Per channel: one Rescaling (int8 MUL, ADD) instead of the original layers.
+    inp = keras.Input(model.inputs[0].shape[1:], name="raw_input")
+    scaled = keras.layers.Rescaling(
+        affine.scale[0].astype("float32"),
+        affine.offset[0].astype("float32"),
+        name="preprocessing",
+    )(inp)
+    return Plan(affine, keras.Model(inp, rest(scaled), name=model.name), False)
+
+
+def describe_input(tflite: bytes, plan: Plan | None = None) -> dict:
+    """What the device must feed to input 0, in raw units, as plain data.
+
+    Keys: `dtype`, `shape`, `scale`, `zero_point` (raw = scale * (q -
+    zero_point)), `raw_min`/`raw_max` (raw values representable without
+    clipping), `preprocessing` (layers, folded or as ops) and `feed` (one
+    sentence).
+    """
+    from keras_microtune.export import runtimes
+
+    detail = runtimes.io_details(tflite)[0][0]
+    dtype = np.dtype(detail["dtype"]).name
+    shape = [int(d) for d in detail["shape"]]
+    scale, zero = (float(v) for v in detail["quantization"])
+    out = {"dtype": dtype, "shape": shape, "preprocessing": None}
+    if dtype not in _DTYPE_RANGE or not scale:
+        out["feed"] = f"{dtype} values of shape {shape}, raw (no quantization)."
+        return out
+    if plan is not None and plan.folded:
+        a, b = float(plan.affine.scale.flat[0]), float(plan.affine.offset.flat[0])
+        # x = a*raw + b = scale*(q - zero)  =>  q = raw/(scale/a) + zero + b/scale.
+        scale, zero = scale / a, zero + b / scale
+    low, high = _DTYPE_RANGE[dtype]
+    out.update(
+        scale=scale,
+        zero_point=zero,
+        zero_point_is_integer=bool(zero == round(zero)),
+        raw_min=scale * (low - zero),
+        raw_max=scale * (high - zero),
+    )
+    if plan is not None:
+        out["preprocessing"] = {
+            "layers": list(plan.affine.layers),
+            "folded": plan.folded,
+            "scale": _plain(plan.affine.scale, plan.folded),
+            "offset": _plain(plan.affine.offset, plan.folded),
+        }
+    where = ""
+    if plan is not None:
+        how = (
+            "folded into this scale and zero point (no op on the device)"
+            if plan.folded
+            else "kept in the model as int8 MUL/ADD ops"
+        )
+        where = f" The model's {', '.join(plan.affine.layers)} preprocessing is {how}."
+    out["feed"] = (
+        f"Feed raw values (before any normalization) as {dtype}, shape {shape}: "
+        f"q = round(raw / {scale:.6g} + {zero:.6g}), clipped to [{low}, {high}]; "
+        f"raw values from {out['raw_min']:.6g} to {out['raw_max']:.6g} are "
+        f"represented without clipping.{where}"
+    )
+    return out
+
+
+def _plain(values, per_tensor):
+    values = np.asarray(values, "float64")
+    if per_tensor:
+        return float(values.flat[0])
+    return values.reshape(-1, values.shape[-1])[0].tolist()
+
+
+def quantize_input(x: np.ndarray, input_report: dict) -> np.ndarray:
+    """Raw float values -> the integers the device feeds (as `quantize_input()`
+    in the generated `model_data.h`)."""
+    dtype = input_report["dtype"]
+    if "scale" not in input_report:
+        return np.asarray(x).astype(dtype)
+    low, high = _DTYPE_RANGE[dtype]
+    q = np.asarray(x, "float64") / input_report["scale"] + input_report["zero_point"]
+    return np.clip(np.round(q), low, high).astype(dtype)

@@ -1,0 +1,37 @@
+"""Int8Evaluation logs the TFLite Micro accuracy of the int8 model during fit."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+import keras_microtune as kmt
+
+
+def test_logs_int8_accuracy_every_n_epochs(rng):
+    x = rng.uniform(0, 255, (64, 8)).astype("float32")
+    y = (x[:, 0] > x[:, 1]).astype("int32")
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Rescaling(1 / 255.0),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(2, activation="softmax"),
+        ]
+    )
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    callback = kmt.callbacks.Int8Evaluation(x[:32], y[:32], every=2)
+    history = model.fit(x, y, epochs=2, verbose=0, callbacks=[callback])
+    logs = history.history["int8_accuracy"]
+    assert math.isnan(logs[0]) and 0.0 <= logs[1] <= 1.0
+    float_acc = kmt.evaluate(model, x[:32], y[:32])["accuracy"]
+    assert abs(logs[1] - float_acc) <= 0.1
+    assert callback.metrics["runtime"] == "tflm" and callback.seconds > 0
+
+
+def test_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="every"):
+        kmt.callbacks.Int8Evaluation(np.zeros((2, 3)), np.zeros(2), every=0)
+    with pytest.raises(ValueError, match="TFLite Micro target"):
+        kmt.callbacks.Int8Evaluation(np.zeros((2, 3)), np.zeros(2), target="float32")

@@ -1,0 +1,96 @@
+"""LUT weight compression: cluster -> fine-tune -> convert -> TFLite Micro."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_microtune as kmt
+from keras_microtune.export import _tflite, runtimes
+
+
+def _model():
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(16, 3, padding="same", use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(32, activation="relu")(x)
+    return keras.Model(inputs, keras.layers.Dense(5)(x))
+
+
+@pytest.fixture(scope="module")
+def converted():
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.random((48, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 5, 48)
+    clustered = kmt.optimize.cluster_weights(_model(), number_of_clusters=16)
+    clustered.compile(
+        "adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    clustered.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    stripped = kmt.optimize.strip_clustering(clustered)
+    plain = kmt.convert(stripped, "mcu", representative_data=x, verbose=0)
+    lut = kmt.convert(
+        stripped, "mcu", representative_data=x, compression="lut4", verbose=0
+    )
+    return x, plain, lut
+
+
+def test_lut4_is_smaller_and_bit_identical(converted):
+    x, plain, lut = converted
+    report = lut.report["compression"]
+    assert report["bit_exact"] is True
+    ops = {t["op"] for t in report["tensors"]}
+    assert {"CONV_2D", "FULLY_CONNECTED"} <= ops
+    assert all(t["bytes_after"] < t["bytes_before"] for t in report["tensors"])
+    assert lut.size_bytes < 0.65 * plain.size_bytes
+    assert "CUSTOM:TFLM_DECODE" in lut.ops
+    assert (
+        report["arena_bytes_with_compression"]
+        > report["arena_bytes_without_compression"]
+    )
+    assert report["invoke_time_ratio"] > 0
+    # Independently of the converter's own check: TFLM outputs are identical.
+    ins, _ = runtimes.io_details(lut.tflite)
+    q = [runtimes.quantize(x[:8], ins[0])]
+    a = runtimes.tflm_run(plain.tflite, q, plain.arena_bytes + 1024)
+    b = runtimes.tflm_run(lut.tflite, q, lut.arena_bytes + 1024)
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_report_and_generated_code_name_the_runtime(converted):
+    _, _, lut = converted
+    files = lut.files()
+    assert b"AddDecode()" in files["op_resolver.h"]
+    assert b"USE_TFLM_COMPRESSION=1" in files["report.md"]
+    assert "USE_TFLM_COMPRESSION=1" in lut.report["compression"]["loads_in"]
+
+
+def test_evaluate_runs_compressed_model_in_tflm(converted):
+    x, _, lut = converted
+    result = kmt.evaluate(lut.tflite, x[:8], np.zeros(8, "int32"), runtime="tflm")
+    assert result["samples"] == 8
+
+
+def test_mobile_targets_refuse_compression(converted):
+    x, _, _ = converted
+    with pytest.raises(ValueError, match="LiteRT, which cannot load"):
+        kmt.convert(_model(), "mobile-int8", representative_data=x, compression="lut4")
+
+
+def test_unclustered_model_does_not_fit_lut2(converted):
+    x, _, _ = converted
+    with pytest.raises(ValueError, match="Cluster the model first"):
+        kmt.convert(_model(), "mcu", representative_data=x, compression="lut2")
+    with pytest.raises(ValueError, match="compression"):
+        kmt.convert(_model(), "mcu", representative_data=x, compression="lut9")
+
+
+def test_auto_leaves_incompressible_models_alone(converted):
+    x, plain, _ = converted
+    _, info = plain.tflite, _tflite.parse(plain.tflite)
+    assert "CUSTOM:TFLM_DECODE" not in info.ops

@@ -1,0 +1,92 @@
+"""Every benchmark script runs in its tiny mode and prints its table.
+
+Timing is not asserted: the machines are shared. The scripts run as
+`python -m benchmarks.<name> --tiny` from the repository root, as `make bench`
+runs them.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, timeout=600):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def _table_rows(stdout, first_cell):
+    return [ln for ln in stdout.splitlines() if ln.startswith(f"| {first_cell}")]
+
+
+def _exists(module):
+    return os.path.exists(os.path.join(ROOT, "benchmarks", f"{module}.py"))
+
+
+def test_conversion_table():
+    out = _run("benchmarks.conversion", "--tiny")
+    assert "| model | flatbuffer ours / plain (B) |" in out
+    for name in ("ds_cnn", "four_stages"):
+        (row,) = _table_rows(out, name)
+        assert "failed" not in row and row.count("|") == 10, row
+
+
+def test_run_all_writes_markdown_with_runtime_table(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    out = _run(
+        "benchmarks.run_all", "--tiny", "--only", "runtime_speed", "--output", path
+    )
+    assert "wrote" in out
+    text = path.read_text()
+    assert text.startswith("# Benchmarks")
+    assert "Machine: " in text and " CPUs (" in text and "GiB RAM" in text
+    assert "## Table 4: Runtime speed" in text
+    assert "`python -m benchmarks.runtime_speed --tiny`" in text
+    rows = _table_rows(text, "ds_cnn") + _table_rows(text, "four_stages")
+    assert len(rows) == 2 and all(row.count("|") == 8 for row in rows), rows
+    assert "Reading: " in text and "Ethos-U55-128" in text
+    assert "Table 1" not in text  # --only keeps the other tables out.
+
+
+@pytest.mark.skipif(not _exists("quantization"), reason="not written yet")
+def test_quantization_table():
+    out = _run("benchmarks.quantization", "--tiny")
+    for name in ("float", "PTQ int8", "ours QAT int8", "tfmot QAT int8"):
+        assert len(_table_rows(out, name)) == 1, out
+
+
+@pytest.mark.slow
+def test_finetune_table():
+    out = _run("benchmarks.finetune", "--tiny")
+    for method in ("head", "bias+head", "microtune", "full"):
+        assert len(_table_rows(out, method + " ")) == 1, out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _exists("callbacks_overhead"), reason="not written yet")
+def test_callbacks_overhead_table():
+    out = _run("benchmarks.callbacks_overhead", "--tiny")
+    assert len(_table_rows(out, "WarmupCosine")) == 1, out
+
+
+@pytest.mark.slow
+def test_run_all_tiny_runs_every_table(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    _run("benchmarks.run_all", "--tiny", "--output", path, timeout=1200)
+    text = path.read_text()
+    assert "FAILED" not in text
+    for number in ("1", "2", "4"):
+        assert f"## Table {number}:" in text
