@@ -11,6 +11,14 @@ POOLINGS = ("avg", "max", "flatten", None)
 NORMALIZATIONS = (None, "l2")
 
 
+def l2_normalize(x):
+    """L2-normalise the last axis as `x * rsqrt(max(sum(x^2), eps))`: the
+    pattern the TFLite converter fuses into one int8 L2_NORMALIZATION op
+    (`keras.ops.normalize` lowers to a float island TFLite Micro disagrees on)."""
+    square_sum = ops.sum(ops.square(x), axis=-1, keepdims=True)
+    return x * ops.rsqrt(ops.maximum(square_sum, 1e-12))
+
+
 @serializable
 class EmbeddingStage(keras.layers.Layer):
     """Turn a feature map into a fixed-length embedding vector.
@@ -128,7 +136,7 @@ class EmbeddingStage(keras.layers.Layer):
         if self.units is not None:
             x = self.projection(x)
         if self.normalize == "l2":
-            x = ops.normalize(x, axis=-1, order=2)
+            x = l2_normalize(x)
         return x
 
     def compute_output_shape(self, input_shape):

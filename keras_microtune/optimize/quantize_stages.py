@@ -12,6 +12,7 @@ from keras import ops
 
 from keras_microtune._api import serializable
 from keras_microtune.layers import MicroTune
+from keras_microtune.layers.embedding_stage import l2_normalize
 from keras_microtune.optimize.quantize_conv import QuantizeConv, kind_of
 from keras_microtune.optimize.quantizers import ActivationQuantizer, quantize_weights
 
@@ -132,12 +133,7 @@ class L2Normalize(keras.layers.Layer):
     """L2-normalise the last axis (TFLite L2_NORMALIZATION)."""
 
     def call(self, inputs):
-        if keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
-
-            # The converter fuses this op into L2_NORMALIZATION.
-            return tf.math.l2_normalize(inputs, axis=-1)
-        return ops.normalize(inputs, axis=-1, order=2)
+        return l2_normalize(inputs)
 
 
 @serializable

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import keras_microtune as kmt
 from keras_microtune import layers
 
 SETTINGS = settings(
@@ -77,6 +78,10 @@ def test_random_valid_configurations_train_save_and_load(spec, tmp_path_factory)
     np.testing.assert_array_equal(
         model.predict(x, verbose=0), loaded.predict(x, verbose=0)
     )
+    # ... and converts to full int8 that TFLite Micro runs, verified against
+    # LiteRT's reference kernels.
+    result = kmt.convert(model, "mcu", representative_data=x, verbose=0)
+    assert result.report["verified"], result.parity
 
 
 INVALID = st.one_of(
