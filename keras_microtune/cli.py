@@ -29,9 +29,12 @@ def _print_result(result, as_json: bool) -> int:
 
 def cmd_convert(args) -> int:
     from keras_microtune.export import convert
+    from keras_microtune.export.converter import check_output_dir
 
     if args.project and not args.output:
         raise ValueError("--project needs an output folder: add -o DIR.")
+    if args.output:  # Fail before the (slow) conversion.
+        check_output_dir(args.output, args.overwrite)
     result = convert(
         args.model,
         args.target,
@@ -41,7 +44,11 @@ def cmd_convert(args) -> int:
         verbose=0 if args.json else 1,
     )
     if args.output:
-        result.save(args.output, overwrite=args.overwrite, project=args.project)
+        real = result.save(args.output, overwrite=args.overwrite, project=args.project)
+        link = os.path.realpath(args.output) != os.path.abspath(args.output)
+        via = f" (-o {args.output!r} resolves to it through a symbolic link)"
+        via = via if link else ""
+        print(f"keras-microtune: wrote {real}{via}", file=sys.stderr)
     return _print_result(result, args.json)
 
 

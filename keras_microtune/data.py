@@ -110,6 +110,12 @@ def as_arrays(
         and all(isinstance(a, np.ndarray) for a in data)
     ):
         xs = [np.asarray(a) for a in data]
+    elif isinstance(data, dict):
+        raise TypeError(
+            f"Received an invalid value for `{what}`, expected a numpy array, an "
+            "(x, y) tuple or a list with one array per model input (in input "
+            f"order). Received: dict with keys {sorted(map(str, data))}"
+        )
     elif hasattr(data, "__iter__") or callable(data):
         items = data() if callable(data) and not hasattr(data, "__iter__") else data
         if hasattr(items, "as_numpy_iterator"):

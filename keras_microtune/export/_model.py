@@ -47,6 +47,7 @@ def load(model, safe_mode: bool = True):
             f"Cannot load {path!r}: expected a .keras or .h5 file or a SavedModel "
             "directory."
         )
+    _check_keras_file(path, safe_mode)
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=safe_mode), name
     except ValueError as e:
@@ -58,6 +59,73 @@ def load(model, safe_mode: bool = True):
                 f"(CLI: --unsafe-deserialization). Keras said: {e}"
             ) from None
         raise
+
+
+def _unsafe_layers(config) -> list[str]:
+    """Names of the layers in a Keras config that need unsafe deserialization:
+    `Lambda` layers and layers holding a serialized Python lambda."""
+    found = []
+
+    def walk(node, layer):
+        if isinstance(node, dict):
+            inner = node.get("config")
+            if "class_name" in node and isinstance(inner, dict):
+                layer = str(inner.get("name", layer))
+            if node.get("class_name") in _UNSAFE_LAYERS + ("__lambda__",):
+                found.append(layer)
+            for v in node.values():
+                walk(v, layer)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v, layer)
+
+    try:
+        walk(config, "?")
+    except RecursionError:
+        raise ValueError("The model configuration is nested too deeply.") from None
+    return sorted(set(found))
+
+
+def _refuse(path, layers):
+    raise ValueError(
+        f"Refusing to load {path!r}: layer(s) {layers} need unsafe deserialization "
+        "(a Lambda layer or a Python lambda holds code that runs when the model "
+        "loads). If you trust the file, pass safe_mode=False "
+        "(CLI: --unsafe-deserialization); better, replace the Lambda with a "
+        "registered custom layer."
+    )
+
+
+_MAX_CONFIG_BYTES = 64 << 20
+
+
+def _check_keras_file(path, safe_mode):
+    """A `.keras` file is a zip archive; under safe_mode its config may name no
+    Lambda layer (read as JSON, nothing is deserialized)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{path!r} is not a valid .keras file: a .keras model is a zip archive "
+            f"and this file ({os.path.getsize(path)} bytes) is not one. Save the "
+            "model with model.save('model.keras')."
+        )
+    if not safe_mode:
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entry = archive.getinfo("config.json")
+            if entry.file_size > _MAX_CONFIG_BYTES:
+                raise ValueError(f"{path!r}: config.json is {entry.file_size} bytes.")
+            config = json.loads(archive.read(entry))
+    except (KeyError, zipfile.BadZipFile, ValueError, RecursionError) as e:
+        raise ValueError(
+            f"{path!r} is not a valid .keras file (no readable config.json: {e}). "
+            "Save the model with model.save('model.keras')."
+        ) from None
+    unsafe = _unsafe_layers(config)
+    if unsafe:
+        _refuse(path, unsafe)
 
 
 def _check_h5(path, safe_mode):
@@ -74,25 +142,15 @@ def _check_h5(path, safe_mode):
         raise ValueError(f"{path!r} holds no model configuration (weights only?).")
     if isinstance(config, bytes):
         config = config.decode("utf-8")
-    unsafe = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            if node.get("class_name") in _UNSAFE_LAYERS:
-                unsafe.append(node.get("config", {}).get("name", "?"))
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(json.loads(config))
-    if unsafe:
+    try:
+        config = json.loads(config)
+    except (ValueError, RecursionError) as e:
         raise ValueError(
-            f"Refusing to load {path!r}: Lambda layer(s) {unsafe} hold marshalled "
-            "Python code that would run on load. If you trust the file, pass "
-            "safe_mode=False (CLI: --unsafe-deserialization)."
-        )
+            f"{path!r} holds an unreadable model configuration: {e}"
+        ) from None
+    unsafe = _unsafe_layers(config)
+    if unsafe:
+        _refuse(path, unsafe)
 
 
 class _Signature:

@@ -8,6 +8,7 @@ ValueError) instead of crashing or allocating what its header claims.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -34,6 +35,16 @@ _TYPES = {
     18: ("bfloat16", 2),
 }
 _KEEP_METADATA = ("OfflineMemoryAllocation",)
+# No tensor of a model keras_microtune handles may declare more bytes than this:
+# a hostile file's shapes cannot make anything allocate gigabytes.
+MAX_TENSOR_BYTES = 1 << 30
+# BuiltinOptions holding subgraph indices (control flow): option -> fields.
+_SUBGRAPH_FIELDS = {
+    "WhileOptions": ("CondSubgraphIndex", "BodySubgraphIndex"),
+    "IfOptions": ("ThenSubgraphIndex", "ElseSubgraphIndex"),
+    "CallOnceOptions": ("InitSubgraphIndex",),
+    "CallOptions": ("Subgraph",),
+}
 
 
 class InvalidModelError(ValueError):
@@ -50,8 +61,8 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        size = _itemsize(self.dtype)
-        return int(np.ceil(int(np.prod(self.shape, dtype=np.int64)) * size))
+        # Python integers: a hostile shape cannot overflow into a small size.
+        return math.ceil(math.prod(int(d) for d in self.shape) * _itemsize(self.dtype))
 
 
 @dataclasses.dataclass
@@ -93,8 +104,35 @@ def _vec(length, n, limit, what):
     return n
 
 
+class _Budget:
+    """Counts the vector entries read; a valid file holds each one once.
+
+    Flatbuffers let a hostile file point many tables at one long vector, which
+    would make parsing quadratic. Entries read beyond a few per 4 file bytes
+    mean such sharing: the file is refused instead of read for minutes.
+    """
+
+    def __init__(self, size):
+        self.left = size + 1024
+
+    def take(self, n, what):
+        self.left -= n
+        if self.left < 0:
+            raise InvalidModelError(
+                f"{what}: the file's tables point at more entries than it holds "
+                "(shared or overlapping vectors); not a valid TFLite model."
+            )
+        return n
+
+
 def parse(data: bytes) -> ModelInfo:
-    """Parse and check `data`; raise `InvalidModelError` when it is not a model."""
+    """Parse and check `data`; raise `InvalidModelError` when it is not a model.
+
+    Checked before anything is sized from the file: vector lengths against the
+    file size, buffer offsets against its end, each tensor's declared bytes
+    against `MAX_TENSOR_BYTES` and (constants) against its buffer, and subgraph
+    indices of control-flow ops (in range, no call cycles).
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"Expected bytes, received {type(data).__name__}.")
     data = bytes(data)
@@ -119,12 +157,13 @@ def parse(data: bytes) -> ModelInfo:
 def _parse(data):
     schema = _schema()
     size = len(data)
+    budget = _Budget(size)
     model = schema.Model.GetRootAs(data, 0)
     names = op_names()
-    n_buffers = _vec(0, model.BuffersLength(), size, "buffers")
+    n_buffers = budget.take(_vec(0, model.BuffersLength(), size, "buffers"), "buffers")
     n_codes = _vec(0, model.OperatorCodesLength(), size, "operator codes")
     codes = []
-    for i in range(n_codes):
+    for i in range(budget.take(n_codes, "operator codes")):
         code = model.OperatorCodes(i)
         builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
         name = names.get(builtin, f"UNKNOWN_{builtin}")
@@ -142,24 +181,30 @@ def _parse(data):
     n_sub = model.SubgraphsLength()
     if n_sub < 1 or n_sub * 4 > size:
         raise InvalidModelError(f"The model declares {n_sub} subgraphs.")
+    budget.take(n_sub, "subgraphs")
+    _check_subgraph_calls(model, n_sub, size, budget)
     sub = model.Subgraphs(0)
     n_tensors = _vec(0, sub.TensorsLength(), size, "tensors")
     tensors = []
-    for j in range(n_tensors):
+    for j in range(budget.take(n_tensors, "tensors")):
         t = sub.Tensors(j)
         if t.Type() not in _TYPES:
             raise InvalidModelError(f"Tensor {j} has unknown type {t.Type()}.")
+        budget.take(t.ShapeLength(), f"Tensor {j} shape")
         shape = tuple(int(d) for d in t.ShapeAsNumpy()) if t.ShapeLength() else ()
         if any(d < 0 for d in shape):
             raise InvalidModelError(f"Tensor {j} has a negative dimension {shape}.")
         if t.Buffer() >= max(n_buffers, 1):
             raise InvalidModelError(f"Tensor {j} refers to missing buffer.")
         name = (t.Name() or b"").decode("utf-8", "replace")
-        constant = bool(n_buffers and buffer_sizes[t.Buffer()] > 0)
-        tensors.append(TensorInfo(j, name, _TYPES[t.Type()][0], shape, constant))
+        held = buffer_sizes[t.Buffer()] if n_buffers else 0
+        info = TensorInfo(j, name, _TYPES[t.Type()][0], shape, held > 0)
+        _check_tensor_size(info, held)
+        tensors.append(info)
 
     def ids(v, what):
         out = [int(i) for i in v] if not isinstance(v, int) else []
+        budget.take(len(out), what)
         if any(i < -1 or i >= n_tensors for i in out):
             raise InvalidModelError(f"{what} refers to a tensor that does not exist.")
         return out
@@ -173,7 +218,8 @@ def _parse(data):
         outs = ids(op.OutputsAsNumpy(), f"Operator {k}")
         ops.append((codes[op.OpcodeIndex()], ins, outs))
     metadata = []
-    for i in range(_vec(0, model.MetadataLength(), size, "metadata")):
+    n_metadata = _vec(0, model.MetadataLength(), size, "metadata")
+    for i in range(budget.take(n_metadata, "metadata")):
         metadata.append((model.Metadata(i).Name() or b"").decode("utf-8", "replace"))
     return ModelInfo(
         size_bytes=size,
@@ -187,8 +233,82 @@ def _parse(data):
     )
 
 
+def _check_tensor_size(tensor: TensorInfo, buffer_bytes: int) -> None:
+    """A tensor's declared size must be allocatable and, for a constant, held."""
+    if tensor.dtype in ("resource", "variant"):
+        return
+    declared = tensor.nbytes
+    if declared > MAX_TENSOR_BYTES:
+        raise InvalidModelError(
+            f"Tensor {tensor.index} declares shape {list(tensor.shape)} "
+            f"({declared:,} bytes of {tensor.dtype}), more than the "
+            f"{MAX_TENSOR_BYTES:,} bytes keras_microtune accepts for one tensor."
+        )
+    if buffer_bytes and tensor.dtype != "string" and declared > buffer_bytes:
+        raise InvalidModelError(
+            f"Tensor {tensor.index} declares {declared:,} bytes of constant data "
+            f"but its buffer holds {buffer_bytes:,}."
+        )
+
+
+def _check_subgraph_calls(model, n_sub: int, size: int, budget: _Budget) -> None:
+    """Control-flow ops must name existing subgraphs, with no call cycle."""
+    schema = _schema()
+    kinds = {
+        getattr(schema.BuiltinOptions, name): (getattr(schema, name), fields)
+        for name, fields in _SUBGRAPH_FIELDS.items()
+    }
+    calls = {}
+    for s in range(n_sub):
+        sub = model.Subgraphs(s)
+        n_ops = _vec(0, sub.OperatorsLength(), size, f"Subgraph {s} operators")
+        targets = set()
+        for k in range(budget.take(n_ops, f"Subgraph {s} operators")):
+            op = sub.Operators(k)
+            kind = kinds.get(op.BuiltinOptionsType())
+            table = op.BuiltinOptions() if kind else None
+            if table is None:
+                continue
+            options = kind[0]()
+            options.Init(table.Bytes, table.Pos)
+            for field in kind[1]:
+                index = int(getattr(options, field)())
+                if not 0 <= index < n_sub:
+                    raise InvalidModelError(
+                        f"Operator {k} of subgraph {s} calls subgraph {index}; the "
+                        f"model has {n_sub}."
+                    )
+                targets.add(index)
+        calls[s] = targets
+    state = {}  # 1: on the current path, 2: done.
+    for root in range(n_sub):
+        stack = [(root, iter(sorted(calls[root])))]
+        if state.get(root):
+            continue
+        state[root] = 1
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                state[node] = 2
+                stack.pop()
+            elif state.get(child) == 1:
+                raise InvalidModelError(
+                    f"Subgraph {node} calls subgraph {child}, which is already "
+                    "being called: a cycle would recurse forever."
+                )
+            elif not state.get(child):
+                state[child] = 1
+                stack.append((child, iter(sorted(calls[child]))))
+
+
 def live_bytes_per_op(info: ModelInfo) -> list[int]:
-    """Bytes of the non-constant tensors live at each op, in execution order."""
+    """Bytes of the non-constant tensors live at each op, in execution order.
+
+    A tensor is live from the op that produces it (0 for model inputs) to the
+    last op that reads it (the end for model outputs). Linear time: a hostile
+    file with many ops and tensors cannot make this quadratic.
+    """
     n = len(info.op_sequence)
     first, last = {}, {}
     for t in info.inputs:
@@ -201,14 +321,18 @@ def live_bytes_per_op(info: ModelInfo) -> list[int]:
                 last[t] = i
     for t in info.outputs:
         last[t] = n
-    live = []
-    for i in range(max(n, 1)):
-        tensors = [
-            t
-            for t in first
-            if not info.tensors[t].constant and first[t] <= i <= last.get(t, first[t])
-        ]
-        live.append(sum(info.tensors[t].nbytes for t in tensors))
+    steps = max(n, 1)
+    delta = [0] * (steps + 1)
+    for t, start in first.items():
+        end = min(last.get(t, start), steps - 1)
+        if info.tensors[t].constant or start > end:
+            continue
+        delta[start] += info.tensors[t].nbytes
+        delta[end + 1] -= info.tensors[t].nbytes
+    live, total = [], 0
+    for i in range(steps):
+        total += delta[i]
+        live.append(total)
     return live
 
 

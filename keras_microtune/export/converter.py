@@ -57,6 +57,7 @@ class ConversionResult:
     tflite: bytes
     report: dict
     name: str = "model"
+    output_dir: str | None = None  # Real path of the last `save`.
 
     @property
     def size_bytes(self) -> int:
@@ -128,31 +129,66 @@ class ConversionResult:
         Files go to a temporary folder beside `directory` that is renamed into
         place at the end: on any failure the destination is left as it was.
 
+        A symbolic link is resolved: the files go to the folder it points to,
+        whose real path is returned and kept in `result.output_dir`.
+
         Raises:
             FileExistsError: `directory` exists, is not empty, and not `overwrite`.
+            PermissionError: the location is not writable (nothing is written).
         """
         files = self.files(history, evaluations, project)
-        return save_files(files, directory, overwrite)
+        self.output_dir = save_files(files, directory, overwrite)
+        return self.output_dir
 
 
-def save_files(files: dict[str, bytes], directory, overwrite: bool = False) -> str:
+def check_output_dir(directory, overwrite: bool = False) -> str:
+    """The real path `directory` resolves to; raise if saving there cannot work.
+
+    Called by `convert` before converting, so a bad `output_dir` fails fast.
+    """
     dest = os.path.realpath(os.fspath(directory))
     if os.path.exists(dest):
         if not os.path.isdir(dest):
-            raise FileExistsError(f"Output path {dest!r} exists and is not a folder.")
+            raise FileExistsError(
+                f"Output path {dest!r} exists and is not a folder; choose a folder "
+                "path for the output."
+            )
         if os.listdir(dest) and not overwrite:
             raise FileExistsError(
                 f"Output folder {dest!r} is not empty; pass overwrite=True "
-                "(CLI: --overwrite) to replace it."
+                "(CLI: --overwrite) to replace it, or choose an empty folder."
             )
     parent = os.path.dirname(dest)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".kmt_tmp_", dir=parent)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise PermissionError(
+            f"Cannot write the output folder {dest!r}: {parent!r} is not a writable "
+            "folder. Choose an output folder you can write to."
+        )
+    return dest
+
+
+def save_files(files: dict[str, bytes], directory, overwrite: bool = False) -> str:
+    """Write `files` (name -> bytes) into `directory` atomically; return its
+    real path. The destination is untouched on any failure or interrupt."""
+    bad = [n for n in files if os.path.basename(n) != n or n in ("", ".", "..")]
+    if bad:
+        raise ValueError(f"Refusing to write outside the output folder: {bad}")
+    dest = check_output_dir(directory, overwrite)
+    parent = os.path.dirname(dest)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".kmt_tmp_", dir=parent)
+    except OSError as e:
+        raise OSError(
+            e.errno,
+            f"Cannot write the output folder {dest!r}: {e.strerror} in {parent!r}. "
+            "Choose an output folder you can write to.",
+        ) from None
     backup = None
     try:
         for name, content in files.items():
-            if os.path.basename(name) != name:
-                raise ValueError(f"Refusing to write outside the folder: {name!r}")
             with open(os.path.join(tmp, name), "wb") as f:
                 f.write(content)
         if os.path.exists(dest):
@@ -298,6 +334,8 @@ def convert(
         >>> result.arena_bytes, result.fits
     """
     target = targets_lib.get(target)
+    if output_dir is not None:  # Fail before the (slow) conversion.
+        check_output_dir(output_dir, overwrite)
     bits = compression_lib.check(compression, target)
     input_type = preprocessing.check_input_type(input_type, target)
     source, name = _model.load(model, safe_mode=safe_mode)
@@ -307,6 +345,7 @@ def convert(
     converted_model = prep.model if prep else source  # Raw-unit preprocessing.
     float_model = prep.model if prep and prep.folded else source
     concrete = _model.trace(converted_model, specs)
+    _check_loops(converted_model, concrete, target)
     qat = _model.is_quantization_aware(concrete)
     rep = val = y_val = None
     if representative_data is not None:
@@ -332,7 +371,7 @@ def convert(
     tflite, saved = converted, 0
     info = _tflite.parse(tflite)
     if target.is_mcu:
-        _check_mcu_ops(info, target, input_type)
+        _check_mcu_ops(info, target, input_type, converted_model)
         tflite = _tflite.strip(converted)
         saved = len(converted) - len(tflite)
         info = _tflite.parse(tflite)
@@ -383,7 +422,47 @@ def convert(
     return result
 
 
-def _check_mcu_ops(info, target, input_type=None):
+_LOOP_OPS = {"While", "StatelessWhile"}
+
+
+def _check_loops(model, concrete, target):
+    """Refuse graph loops (e.g. a recurrent layer) for int8 and TFLite Micro
+    targets before converting: TFLite Micro cannot run WHILE, and TFLite's int8
+    converter has been seen to crash the process on them."""
+    if target.quantization != "int8" and not target.is_mcu:
+        return
+    loops = _LOOP_OPS & _model.graph_op_types(concrete)
+    if not loops:
+        return
+    layers = _layers_with_ops(model, loops)
+    raise ValueError(
+        f"Layers {layers or ['unknown']} hold a TensorFlow loop (ops "
+        f"{sorted(loops)}, TFLite WHILE), which target {target.name!r} cannot "
+        "run: TFLite Micro has no WHILE kernel and int8 conversion does not "
+        "support it. Unroll recurrent layers (e.g. keras.layers.LSTM(..., "
+        "unroll=True)) or use Conv1D layers; float targets ('float32') keep "
+        "the loop."
+    )
+
+
+def _layers_of_tensors(model, info, ops: set) -> list[str]:
+    """Model layer names found in the (unstripped) tensor names of `ops`."""
+    names = {
+        getattr(layer, "name", "")
+        for layer in getattr(model, "layers", [])
+        if getattr(layer, "name", "")
+    }
+    found = set()
+    for op, ins, outs in info.op_sequence:
+        if op not in ops:
+            continue
+        for t in ins + outs:
+            parts = set(info.tensors[t].name.replace(";", "/").split("/"))
+            found |= names & parts
+    return sorted(found)
+
+
+def _check_mcu_ops(info, target, input_type=None, model=None):
     bad = sorted(
         op for op in info.ops if op in _MCU_FORBIDDEN or op.startswith("CUSTOM")
     )
@@ -393,9 +472,12 @@ def _check_mcu_ops(info, target, input_type=None):
         if info.tensors[t].dtype not in {"int8", input_type}
     ]
     if bad or float_io:
+        layers = _layers_of_tensors(model, info, set(bad)) if bad else []
         raise ValueError(
             f"The converted model cannot run on {target.name!r} (TFLite Micro, int8): "
-            f"ops {bad}, non-int8 inputs/outputs {float_io}."
+            f"ops {bad} (layers {layers or 'unknown'}), non-int8 inputs/outputs "
+            f"{float_io}. Replace these layers with ones that lower to TFLite "
+            "Micro builtin ops (see `keras-microtune targets` and the README)."
         )
 
 

@@ -214,6 +214,12 @@ def measure_arena(tflite: bytes, lower_bound: int = 0, timeout=600) -> dict:
             (e.g. an op it does not implement); the message gives its reason.
     """
     info = _tflite.parse(tflite)
+    needed = max(lower_bound, _tflite.activation_lower_bound(info))
+    if needed > _MAX_ARENA:  # Refused before anything is allocated.
+        raise RuntimeFailure(
+            f"the model's activations need at least {needed:,} bytes, more "
+            f"than the {_MAX_ARENA:,}-byte arena limit for TFLite Micro."
+        )
     low = max(0, lower_bound // 16 * 16 - 16)
     high = max(64 * 1024, 2 * lower_bound + 16 * 1024)
     with tempfile.TemporaryDirectory(prefix="kmt_tflm_") as tmp:
@@ -241,7 +247,7 @@ def measure_arena(tflite: bytes, lower_bound: int = 0, timeout=600) -> dict:
                         "TFLite Micro cannot run this model: "
                         f"{_error_lines(proc.stderr + proc.stdout)}"
                     )
-                low, high = high, high * 4
+                low, high = high, min(high * 4, _MAX_ARENA)
                 continue
             if result is None:  # The child died (crash): skip the probe it was on.
                 low = (low + high) // 2 // 16 * 16
