@@ -18,7 +18,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 
 METHODS = ("head", "bias+head", "microtune", "full")
 
@@ -27,6 +26,7 @@ def _setup(method, backbone_path):
     import keras
 
     import keras_microtune as kmt
+    from keras_microtune.callbacks._base import sublayers
 
     backbone = keras.saving.load_model(backbone_path)
     if method == "microtune":
@@ -37,28 +37,11 @@ def _setup(method, backbone_path):
         # inference mode because its own layer stays frozen.
         for layer in model.layers[1:-2]:
             layer.trainable = True
-            for sub in layer._flatten_layers(include_self=False):
+            for sub in sublayers(layer):
                 sub.trainable = False
             for variable in layer.weights:
                 variable.trainable = variable.path.endswith(("bias", "beta"))
     return model
-
-
-class _StepTimer:
-    def __init__(self):
-        import keras
-
-        class Timer(keras.callbacks.Callback):
-            def on_train_begin(self, logs=None):
-                self.epoch_times = []
-
-            def on_epoch_begin(self, epoch, logs=None):
-                self._t = time.perf_counter()
-
-            def on_epoch_end(self, epoch, logs=None):
-                self.epoch_times.append(time.perf_counter() - self._t)
-
-        self.callback = Timer()
 
 
 def _child(method, backbone_path, epochs):
@@ -73,12 +56,14 @@ def _child(method, backbone_path, epochs):
     (x_train, y_train), (x_test, y_test) = digits["train"], digits["test"]
     model = _setup(method, backbone_path)
     model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
-    timer = _StepTimer().callback
+    from benchmarks.callbacks_overhead import EpochTimer
+
+    timer = EpochTimer()
     model.fit(
         x_train, y_train, epochs=epochs, batch_size=16, verbose=0, callbacks=[timer]
     )
     steps = int(np.ceil(len(y_train) / 16))
-    step_time = float(np.median(timer.epoch_times[1:] or timer.epoch_times)) / steps
+    step_time = float(np.median(timer.times[1:] or timer.times)) / steps
     result = kmt.convert(model, target="mcu", representative_data=x_train)
     metrics = kmt.evaluate(result.tflite, x_test, y_test, runtime="tflm")
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
