@@ -61,6 +61,24 @@ def test_run_all_writes_markdown_with_runtime_table(tmp_path):
     assert "Table 1" not in text  # --only keeps the other tables out.
 
 
+def test_only_replaces_the_named_tables_in_an_existing_file():
+    from benchmarks import run_all
+
+    text = (
+        "# Benchmarks\n\nMachine: m.\n\n## Table 1: One\n\nold one\n\n"
+        "## Table 2: Two\n\nold two\n\n## Table 3: Three\n\nold three\n"
+    )
+    result = {"command": "python -m benchmarks.two", "seconds": 3.0}
+    result.update(table="| new | two |", reading="")
+    out = run_all.splice(text, [("2", "Two", "two", "why", result)], "DAY")
+    assert out.startswith("# Benchmarks\n\nMachine: m.\n\n## Table 1: One")
+    assert "old one" in out and "old three" in out and "old two" not in out
+    assert (
+        out.index("## Table 1") < out.index("| new | two |") < out.index("## Table 3")
+    )
+    assert "Re-run on its own on DAY" in out and "Reading: why" in out
+
+
 @pytest.mark.skipif(not _exists("quantization"), reason="not written yet")
 def test_quantization_table():
     out = _run("benchmarks.quantization", "--tiny")
@@ -78,8 +96,12 @@ def test_finetune_table():
 @pytest.mark.slow
 @pytest.mark.skipif(not _exists("callbacks_overhead"), reason="not written yet")
 def test_callbacks_overhead_table():
+    from benchmarks.callbacks_overhead import NAMES
+
     out = _run("benchmarks.callbacks_overhead", "--tiny")
-    assert len(_table_rows(out, "WarmupCosine")) == 1, out
+    for name in NAMES:
+        (row,) = _table_rows(out, name + " ")
+        assert row.count("|") == 8, row
 
 
 @pytest.mark.slow

@@ -10,6 +10,21 @@ from keras_microtune.callbacks._base import (
 )
 
 
+def _clipped_call(layer, clip):
+    """A `call` for ReLU `layer` whose upper limit is read from `clip`."""
+    relu = keras.activations.relu
+
+    def call(inputs):
+        outputs = relu(
+            inputs,
+            negative_slope=layer.negative_slope,
+            threshold=layer.threshold,
+        )
+        return keras.ops.minimum(outputs, keras.ops.cast(clip, outputs.dtype))
+
+    return call
+
+
 class ActivationClipAnneal(keras.callbacks.Callback):
     """Anneal the clipping value of ReLU layers, e.g. from 20 down to 6.
 
@@ -20,13 +35,15 @@ class ActivationClipAnneal(keras.callbacks.Callback):
     `start_epoch` to `end` at `start_epoch + epochs`, and keeps `end` after.
     Before `start_epoch` the layers keep their own `max_value`.
 
-    The new value is read when Keras traces the train step, so the callback
-    retraces the train and test functions at each epoch where the value
-    changes (one retrace per epoch, no per-step cost). The value goes into the
-    epoch `logs` as `"activation_clip"` (`inf` before `start_epoch`); on
-    `BackupAndRestore` resume it is recomputed from the epoch index. The
-    layers keep the final value after training, so a saved model has it in
-    its config.
+    From `start_epoch` until training ends, the chosen ReLU layers read their
+    upper limit from one non-trainable variable owned by the callback (not a
+    model weight, so checkpoints are unchanged); each epoch only assigns it,
+    so the compiled train step is traced once, not once per value. The value
+    goes into the epoch `logs` as `"activation_clip"` (`inf` before
+    `start_epoch`); on `BackupAndRestore` resume it is recomputed from the
+    epoch index. Each layer's `max_value` follows the value too (so a
+    `ModelCheckpoint` config has it), and when training ends the layers go
+    back to their own `call` with `max_value` at the final value.
 
     Args:
         start: float. Clipping value at `start_epoch`. Defaults to `20.0`.
@@ -74,8 +91,8 @@ class ActivationClipAnneal(keras.callbacks.Callback):
             )
         self.layers = None if layers is None else list(layers)
         self._relus = []
-        self._original = []
         self._current = None
+        self._clip = None
 
     def value(self, epoch: int):
         """The clipping value at `epoch`, or None before `start_epoch`."""
@@ -111,17 +128,44 @@ class ActivationClipAnneal(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._relus = self._find_relus()
-        self._original = [layer.max_value for layer in self._relus]
         self._current = None
+        self._clip = None
+        if any("call" in vars(layer) for layer in self._relus):
+            # Left by an earlier fit that raised before `on_train_end`.
+            self._uninstall()
+
+    def _install(self):
+        """Make the layers read their limit from a variable (one retrace)."""
+        with self.model.distribute_strategy.scope():
+            self._clip = keras.Variable(
+                float("inf"), dtype="float32", trainable=False, name="activation_clip"
+            )
+        for layer in self._relus:
+            # An instance attribute shadows `ReLU.call`; removed in `_uninstall`.
+            object.__setattr__(layer, "call", _clipped_call(layer, self._clip))
+        retrace(self.model)
+
+    def _uninstall(self):
+        for layer in self._relus:
+            if "call" in vars(layer):
+                object.__delattr__(layer, "call")
+        self._clip = None
+        retrace(self.model)
 
     def on_epoch_begin(self, epoch, logs=None):
         value = self.value(epoch)
-        if value == self._current:
+        if value is None or value == self._current:
             return
-        for layer, original in zip(self._relus, self._original):
-            layer.max_value = original if value is None else value
+        if self._clip is None:
+            self._install()
+        self._clip.assign(value)
+        for layer in self._relus:
+            layer.max_value = value
         self._current = value
-        retrace(self.model)
+
+    def on_train_end(self, logs=None):
+        if self._clip is not None:
+            self._uninstall()
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:

@@ -16,6 +16,15 @@ def _model():
     return keras.Model(inputs, outputs)
 
 
+class FunctionRecorder(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.ids = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.ids.append(id(self.model.train_function))
+
+
 def _expected_loss(x, y, clip):
     hidden = np.maximum(x.sum(axis=1, keepdims=True), 0.0)
     if clip is not None:
@@ -47,12 +56,20 @@ def test_clip_changes_the_compiled_computation(
     anneal = kmt.callbacks.ActivationClipAnneal(
         start=10.0, end=6.0, epochs=2, start_epoch=1
     )
-    history = model.fit(x, y, batch_size=4, epochs=4, callbacks=[anneal], verbose=0)
+    functions = FunctionRecorder()
+    history = model.fit(
+        x, y, batch_size=4, epochs=4, callbacks=[anneal, functions], verbose=0
+    )
+    # One train function from the first clipped epoch on: values change by
+    # assignment, not by retracing.
+    assert len(set(functions.ids[1:])) == 1
     clips = [None, 10.0, 8.0, 6.0]
     assert history.history["activation_clip"] == [float("inf"), 10.0, 8.0, 6.0]
     expected = [_expected_loss(x, y, clip) for clip in clips]
     np.testing.assert_allclose(history.history["loss"], expected, rtol=1e-5)
-    assert model.get_layer("relu").max_value == 6.0
+    relu = model.get_layer("relu")
+    assert relu.max_value == 6.0 and "call" not in vars(relu)
+    assert relu.get_config()["max_value"] == 6.0
     # Evaluation and prediction after training use the final clip too.
     np.testing.assert_allclose(model.predict(x[:2], verbose=0), [[12.0], [12.0]])
 
