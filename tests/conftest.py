@@ -1,6 +1,8 @@
 """Shared test set-up: quiet TensorFlow, two logical CPUs, seeded randomness."""
 
 import os
+import shutil
+import subprocess
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -39,3 +41,22 @@ def mirrored():
     earlier model's gradients ("Shape mismatch in the collective instance").
     """
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+@pytest.fixture
+def cpp_compile():
+    """`cpp_compile(sources, exe, *flags)`: build with g++ -std=c++17 -Wall -Werror.
+
+    Skips the test where g++ is missing; raises with g++'s message on errors.
+    """
+    if shutil.which("g++") is None:
+        pytest.skip("needs g++")
+
+    def build(sources, exe, *flags):
+        command = ["g++", "-std=c++17", "-Wall", "-Werror", *flags]
+        command += [str(source) for source in sources] + ["-o", str(exe)]
+        proc = subprocess.run(command, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return exe
+
+    return build

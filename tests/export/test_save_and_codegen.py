@@ -2,14 +2,11 @@
 
 import builtins
 import json
-import shutil
 import subprocess
 
 import pytest
 
 from keras_microtune.export import codegen
-
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
 HARNESS = r"""
 #include <cstdint>
@@ -30,33 +27,18 @@ int main(int argc, char** argv) {
 """
 
 
-def _compile_and_run(folder, tmp_path):
-    (folder / "..").resolve()
+def _compile_and_run(folder, tmp_path, cpp_compile):
     main = tmp_path / "harness.cc"
     main.write_text(HARNESS)
-    exe = tmp_path / "harness"
-    subprocess.run(
-        [
-            "g++",
-            "-std=c++17",
-            "-Wall",
-            "-Werror",
-            f"-I{folder}",
-            str(main),
-            str(folder / "model_data.cc"),
-            "-o",
-            str(exe),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
+    exe = cpp_compile(
+        [main, folder / "model_data.cc"], tmp_path / "harness", f"-I{folder}"
     )
     return subprocess.run(
         [str(exe), str(folder / "model.tflite")], capture_output=True, text=True
     )
 
 
-def test_save_writes_all_files_and_c_array_matches(mcu_results, tmp_path):
+def test_save_writes_all_files_and_c_array_matches(mcu_results, tmp_path, cpp_compile):
     result = mcu_results["ds_cnn"]
     out = tmp_path / "out"
     assert result.save(out) == str(out.resolve())
@@ -73,7 +55,7 @@ def test_save_writes_all_files_and_c_array_matches(mcu_results, tmp_path):
         "test_data.h",
     ]
     assert (out / "model.tflite").read_bytes() == result.tflite
-    run = _compile_and_run(out, tmp_path)
+    run = _compile_and_run(out, tmp_path, cpp_compile)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "ds_cnn"
     header = (out / "model_data.h").read_text()
@@ -103,7 +85,7 @@ def test_resolver_method_names():
     assert codegen.resolver_method("MAX_POOL_2D") == "AddMaxPool2D"
 
 
-def test_hostile_model_name_cannot_inject(mcu_results, tmp_path):
+def test_hostile_model_name_cannot_inject(mcu_results, tmp_path, cpp_compile):
     result = mcu_results["conv1d"]
     evil = 'x*/ #include "evil.h" //\n"q\\é'
     hostile = type(result)(tflite=result.tflite, report=result.report, name=evil)
@@ -113,7 +95,7 @@ def test_hostile_model_name_cannot_inject(mcu_results, tmp_path):
         text = (out / name).read_text()
         assert 'evil.h"' not in text and "*/" not in text
         assert all(not ln.startswith('#include "evil') for ln in text.splitlines())
-    run = _compile_and_run(out, tmp_path)
+    run = _compile_and_run(out, tmp_path, cpp_compile)
     assert run.returncode == 0, run.stderr
     assert run.stdout.rstrip("\n") == evil
 
