@@ -24,6 +24,13 @@ class DeviceBudget(keras.callbacks.Callback):
     target's flash or RAM budget, the callback warns with a
     `KerasMicrotuneWarning`, and with `on_exceed="stop"` also stops training.
 
+    The first epoch of a `fit` that starts past epoch 0 (a `BackupAndRestore`
+    resume, or `initial_epoch > 0`) is always measured as well, so the logs
+    of a resumed run are never NaN. A model with pruning wrappers
+    (`kmt.optimize.prune_low_magnitude`) is measured as deployed: a copy
+    stripped with `kmt.optimize.strip` is converted. The model may have been
+    built and compiled under a `tf.distribute` strategy.
+
     A conversion costs seconds (conversion, calibration and the arena search);
     `seconds` holds the total time spent, and `every` keeps it a small share
     of training.
@@ -64,10 +71,12 @@ class DeviceBudget(keras.callbacks.Callback):
         self.seconds = 0.0
         self.result = None
         self._last = None
+        self._first_epoch = True
 
     def on_train_begin(self, logs=None):
         self.seconds = 0.0
         self.result = None
+        self._first_epoch = True
         self._last = {
             "int8_size_bytes": math.nan,
             "arena_bytes": math.nan,
@@ -76,10 +85,16 @@ class DeviceBudget(keras.callbacks.Callback):
 
     def _measure(self):
         from keras_microtune.export.converter import convert
+        from keras_microtune.optimize import prune
 
         start = time.perf_counter()
+        model = self.model
+        if prune.has_pruning(model):
+            # Pruning wrappers assign their masks in every call, which the
+            # TFLite converter cannot freeze; convert what gets deployed.
+            model = prune.strip(model)
         result = convert(
-            self.model,
+            model,
             self.target,
             representative_data=self.representative_data,
             verbose=0,
@@ -95,7 +110,9 @@ class DeviceBudget(keras.callbacks.Callback):
         return result
 
     def on_epoch_end(self, epoch, logs=None):
-        if (epoch + 1) % self.every == 0:
+        resumed = self._first_epoch and epoch > 0
+        self._first_epoch = False
+        if resumed or (epoch + 1) % self.every == 0:
             result = self._measure()
             if not result.fits:
                 self._exceeded(epoch, result)

@@ -24,7 +24,13 @@ class PruningSchedule(keras.callbacks.Callback):
     when an epoch ends and training ends (pruned weights are exactly zero in
     checkpoints and exports), and writes `"sparsity"` (fraction of zeros over
     all pruned kernels) and `"pruning_step"` to the epoch `logs`. The step
-    counters are model weights, so `BackupAndRestore` restores the schedule.
+    counters and masks are model weights, so `BackupAndRestore` restores the
+    schedule. With `update_masks_on_epoch_end=True`, the first epoch of a
+    resumed `fit` (a `BackupAndRestore` resume, or `initial_epoch > 0`)
+    begins by recomputing the masks at the restored step: `BackupAndRestore`
+    listed before this callback saves the weights before the epoch-end
+    update, and the resumed run would otherwise train one epoch with older
+    masks than an uninterrupted run.
 
     Args:
         update_masks_on_epoch_end: bool. Recompute the masks at the current
@@ -56,6 +62,7 @@ class PruningSchedule(keras.callbacks.Callback):
             )
         self.update_masks_on_epoch_end = update_masks_on_epoch_end
         self._wrappers = []
+        self._first_epoch = True
 
     def on_train_begin(self, logs=None):
         self._wrappers = _wrappers(self.model)
@@ -66,6 +73,14 @@ class PruningSchedule(keras.callbacks.Callback):
                 "kmt.optimize.prune_low_magnitude(model, target_sparsity=...)`, "
                 "then compile and fit that model with this callback."
             )
+        self._first_epoch = True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._first_epoch and epoch > 0 and self.update_masks_on_epoch_end:
+            # Resumed: redo the epoch-end update a backup may have missed.
+            for wrapper in self._wrappers:
+                wrapper.update_masks(force=True)
+        self._first_epoch = False
 
     def _apply(self):
         for wrapper in self._wrappers:

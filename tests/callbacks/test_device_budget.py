@@ -52,6 +52,113 @@ def test_logs_size_and_arena_of_a_model_that_fits():
     assert history.history["fits_target"] == [pytest.approx(math.nan, nan_ok=True), 1.0]
 
 
+def _loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def test_mirrored_strategy(mirrored):
+    x, y = _data()
+    with mirrored.scope():
+        model = _model(16)
+        model.compile(keras.optimizers.Adam(0.05), _loss())
+    budget = kmt.callbacks.DeviceBudget("cortex-m0plus", x[:8])
+    history = model.fit(x, y, batch_size=8, epochs=2, callbacks=[budget], verbose=0)
+    sizes = history.history["int8_size_bytes"]
+    assert 64 * 16 < sizes[0] == sizes[1] < 32 * 1024
+    assert all(0 < arena < 32 * 1024 for arena in history.history["arena_bytes"])
+    assert history.history["fits_target"] == [1.0, 1.0]
+    # The converted model computes what the trained (mirrored) model computes.
+    parity = budget.result.parity
+    assert parity["top1_agreement"] == 1.0
+    assert parity["cosine"] > 0.999
+    assert parity["tflm_within_tolerance"]
+
+
+def test_pruned_model_is_measured_stripped():
+    x, y = _data()
+    pruned = kmt.optimize.prune_low_magnitude(
+        _model(16), target_sparsity=0.5, end_step=3, frequency=1
+    )
+    pruned.compile("adam", _loss(), steps_per_execution=2)
+    budget = kmt.callbacks.DeviceBudget("cortex-m0plus", x[:8])
+    history = pruned.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=1,
+        callbacks=[kmt.callbacks.PruningSchedule(), budget],
+        verbose=0,
+    )
+    assert history.history["sparsity"] == [pytest.approx(0.5)]
+    assert 64 * 16 < history.history["int8_size_bytes"][0] < 32 * 1024
+    assert history.history["fits_target"] == [1.0]
+    assert budget.result.parity["cosine"] > 0.999
+    # The training model keeps its wrappers.
+    assert kmt.optimize.prune.has_pruning(pruned)
+
+
+class StopAt(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise RuntimeError("interrupted")
+
+
+def test_backup_and_restore_resume_measures_at_once(tmp_path, monkeypatch):
+    from keras_microtune.export import converter
+
+    x, y = _data()
+    backup = str(tmp_path / "backup")
+    measured = []
+    convert = converter.convert
+
+    def counting_convert(model, *args, **kwargs):
+        measured.append(model.get_weights()[0].copy())
+        return convert(model, *args, **kwargs)
+
+    monkeypatch.setattr(converter, "convert", counting_convert)
+
+    def fit(*extra):
+        model = _model(16)
+        model.compile("adam", _loss())
+        budget = kmt.callbacks.DeviceBudget("cortex-m0plus", x[:8], every=3)
+        callbacks = [keras.callbacks.BackupAndRestore(backup), budget, *extra]
+        history = model.fit(
+            x, y, batch_size=8, epochs=3, callbacks=callbacks, verbose=0
+        )
+        return model, history
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        fit(StopAt(1))
+    assert measured == []  # Epoch 0 is not a scheduled measurement.
+    model, history = fit()
+    # Epoch 1 opens the resumed fit, so it is measured; epoch 2 is scheduled.
+    assert len(measured) == 2
+    sizes = history.history["int8_size_bytes"]
+    assert len(sizes) == 2 and not any(math.isnan(s) for s in sizes)
+    assert not any(math.isnan(a) for a in history.history["arena_bytes"])
+    assert history.history["fits_target"] == [1.0, 1.0]
+    assert not np.array_equal(measured[0], measured[1])
+    np.testing.assert_array_equal(measured[1], model.get_weights()[0])
+
+
+def test_a_fresh_fit_measures_on_schedule_only(monkeypatch):
+    from keras_microtune.export import converter
+
+    x, y = _data()
+    calls = []
+    monkeypatch.setattr(converter, "convert", lambda *a, **k: calls.append(a))
+    model = _model(16)
+    model.compile("adam", _loss())
+    budget = kmt.callbacks.DeviceBudget("cortex-m0plus", x[:8], every=5)
+    history = model.fit(x, y, epochs=3, callbacks=[budget], verbose=0)
+    assert calls == []
+    assert all(math.isnan(s) for s in history.history["int8_size_bytes"])
+
+
 def test_invalid_arguments():
     x, _ = _data()
     with pytest.raises(
