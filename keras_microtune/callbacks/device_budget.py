@@ -27,8 +27,8 @@ class DeviceBudget(keras.callbacks.Callback):
     The first epoch of a `fit` that starts past epoch 0 (a `BackupAndRestore`
     resume, or `initial_epoch > 0`) is always measured as well, so the logs
     of a resumed run are never NaN. A model with pruning wrappers
-    (`kmt.optimize.prune_low_magnitude`) is measured as deployed: a copy
-    stripped with `kmt.optimize.strip` is converted. The model may have been
+    (`kmt.optimize.prune_low_magnitude`) is measured as deployed: `kmt.convert`
+    converts a copy stripped with `kmt.optimize.strip`. The model may have been
     built and compiled under a `tf.distribute` strategy.
 
     A conversion costs seconds (conversion, calibration and the arena search);
@@ -85,16 +85,10 @@ class DeviceBudget(keras.callbacks.Callback):
 
     def _measure(self):
         from keras_microtune.export.converter import convert
-        from keras_microtune.optimize import prune
 
         start = time.perf_counter()
-        model = self.model
-        if prune.has_pruning(model):
-            # Pruning wrappers assign their masks in every call, which the
-            # TFLite converter cannot freeze; convert what gets deployed.
-            model = prune.strip(model)
-        result = convert(
-            model,
+        result = convert(  # Strips pruning wrappers: measures what deploys.
+            self.model,
             self.target,
             representative_data=self.representative_data,
             verbose=0,

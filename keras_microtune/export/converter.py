@@ -283,6 +283,19 @@ def _representative(xs, verbose):
     return gen
 
 
+def _strip_pruning(model):
+    """`(model, stripped)`: a model still wrapped by `prune_low_magnitude`
+    converts as it deploys, without the wrappers (their per-call mask
+    assignment cannot be frozen into a flatbuffer); the zeros stay."""
+    if not hasattr(model, "layers"):  # A SavedModel signature.
+        return model, False
+    from keras_microtune.optimize import prune
+
+    if not prune.has_pruning(model):
+        return model, False
+    return prune.strip(model), True
+
+
 def convert(
     model,
     target: str | targets_lib.Target = "mcu",
@@ -300,7 +313,9 @@ def convert(
 
     Args:
         model: a Keras 3 model, a tf_keras model, or a path (`.keras`, `.h5`,
-            SavedModel folder).
+            SavedModel folder). A model still holding pruning wrappers is
+            converted as `kmt.optimize.strip` leaves it (the zeros stay; see
+            `report["conversion"]["pruning_wrappers_stripped"]`).
         target: str or Target. See `kmt.targets.available()`. Defaults to `"mcu"`.
         representative_data: calibration inputs (array, `(x, y)`, tf.data.Dataset,
             generator, or `.npz` path). Required for int8 targets unless the
@@ -339,6 +354,7 @@ def convert(
     bits = compression_lib.check(compression, target)
     input_type = preprocessing.check_input_type(input_type, target)
     source, name = _model.load(model, safe_mode=safe_mode)
+    source, pruning_stripped = _strip_pruning(source)
     specs = _model.input_specs(source)
     shapes = [shape for shape, _ in specs]
     prep = preprocessing.plan(source, target)
@@ -410,6 +426,7 @@ def convert(
         "io_dtype": target.io_dtype,
         "input_type": input_type or target.io_dtype,
         "quantization_aware_training": qat,
+        "pruning_wrappers_stripped": pruning_stripped,
         "calibration_samples": 0 if rep is None else min(len(rep[0]), _MAX_CALIBRATION),
         "batch_size": 1,
     }

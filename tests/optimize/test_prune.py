@@ -65,6 +65,25 @@ def test_sparsity_reached_and_stripped(rng, tmp_path):
     )
 
 
+def test_convert_strips_the_wrappers_and_keeps_the_zeros(rng, tools):
+    x = rng.normal(size=(32, 8, 8, 1)).astype("float32")
+    pruned = kmt.optimize.prune_low_magnitude(_model(), 0.5, end_step=2, frequency=1)
+    _fit(pruned, x)
+    result = kmt.convert(pruned, "cortex-m4", representative_data=x, verbose=0)
+    assert result.report["conversion"]["pruning_wrappers_stripped"]
+    assert "ASSIGN_VARIABLE" not in result.ops
+    assert result.parity["tflm_within_tolerance"]
+    assert result.parity["cosine"] > 0.99
+    weights = tools.int8_weights(result.tflite)
+    assert len(weights) == 3
+    for w in weights:
+        assert (w == 0).mean() >= 0.49
+    # The training model keeps its wrappers.
+    assert kmt.optimize.prune.has_pruning(pruned)
+    plain = kmt.convert(_model(), "cortex-m4", representative_data=x, verbose=0)
+    assert not plain.report["conversion"]["pruning_wrappers_stripped"]
+
+
 def test_update_pruning_masks_hook():
     pruned = kmt.optimize.prune_low_magnitude(_model(), 0.75, end_step=10)
     kmt.optimize.update_pruning_masks(pruned, step=10)
