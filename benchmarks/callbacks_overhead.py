@@ -2,13 +2,15 @@
 
 Every row trains the same small model twice, side by side: once with the
 callback and once the plain Keras way (the same wrapped model and optimizer
-without the callback; for ProgressiveUnfreeze, two `fit` calls with a manual
-unfreeze and recompile between them). Reported per row, as medians over
+without the callback; for ActivationClipAnneal, the same ReLUs with a fixed
+`max_value`; for ProgressiveUnfreeze, two `fit` calls with a manual unfreeze
+and recompile between them). Reported per row, as medians over
 several repeats:
 
-- step ratio: median train-step time with the callback / without, over
-  every step of the run (retracing steps are outliers the median ignores);
-  this is the per-step cost the schedule callbacks target (< 1.03);
+- step ratio: median train-step period with the callback / without (the
+  period from one step's start to the next, every callback's batch hooks
+  included; retracing steps are outliers the median ignores); this is the
+  per-step cost the schedule callbacks target (< 1.03);
 - fit ratio: whole `fit` wall time with / without, so one-off costs
   (retracing, rebuilding the optimizer, DeviceBudget's conversions) show;
 - own time: seconds the callback itself reports spending (DeviceBudget's
@@ -18,6 +20,7 @@ several repeats:
 """
 
 import argparse
+import gc
 import os
 import statistics
 import time
@@ -34,27 +37,37 @@ from keras_microtune.callbacks.progressive_unfreeze import (  # noqa: E402
 )
 
 UNFREEZE_EPOCH = 2
+CLIP_START = 20.0
+# Plain against plain (A/A): how far from 1.00 noise alone puts a ratio.
+CONTROL = "none (noise floor)"
 
 
 class FitTimer(keras.callbacks.Callback):
-    """Epoch and train-step durations, accumulated over one or more fits."""
+    """Epoch durations and train-step periods, over one or more fits.
+
+    A step period runs from one `on_train_batch_begin` to the next within an
+    epoch, so it holds the step and every callback's batch hooks, whatever
+    their place in the callback list.
+    """
 
     def __init__(self):
         super().__init__()
         self.times = []  # seconds per epoch
-        self.steps = []  # seconds per train step (per execution)
+        self.steps = []  # seconds per train step (per execution), hooks included
+        self._step_start = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.perf_counter()
+        self._step_start = None
 
     def on_epoch_end(self, epoch, logs=None):
         self.times.append(time.perf_counter() - self._epoch_start)
 
     def on_train_batch_begin(self, batch, logs=None):
-        self._step_start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.steps.append(time.perf_counter() - self._step_start)
+        now = time.perf_counter()
+        if self._step_start is not None:
+            self.steps.append(now - self._step_start)
+        self._step_start = now
 
 
 def _backbone(width):
@@ -80,17 +93,25 @@ def _model(name, width):
         model = kmt.optimize.prune_low_magnitude(model, end_step=100, frequency=10)
     elif name == "DistillationSchedule":
         model = kmt.losses.Distiller(model, _backbone(width))
+    elif name == "ActivationClipAnneal":
+        # Without the callback, Keras' own clip: a fixed `max_value` (relu and
+        # clip ops); the callback swaps it for a min with its variable.
+        for layer in sublayers(model):
+            if isinstance(layer, keras.layers.ReLU):
+                layer.max_value = CLIP_START
     model.compile("adam", "sparse_categorical_crossentropy")
     return model
 
 
 def _callback(name, x):
+    if name == CONTROL:
+        return None
     if name == "WarmupCosine":
         return kmt.callbacks.WarmupCosine(1e-3, warmup_steps=10, decay_steps=100)
     if name == "ProgressiveUnfreeze":
         return kmt.callbacks.ProgressiveUnfreeze([UNFREEZE_EPOCH])
     if name == "ActivationClipAnneal":
-        return kmt.callbacks.ActivationClipAnneal(start=20.0, end=6.0, epochs=4)
+        return kmt.callbacks.ActivationClipAnneal(start=CLIP_START, end=6.0, epochs=4)
     if name == "QuantizationSchedule":
         return kmt.callbacks.QuantizationSchedule(1, freeze_ranges_epoch=3)
     if name == "PruningSchedule":
@@ -125,7 +146,9 @@ def _plain_unfreeze(model, x, y, epochs, timer):
 
 
 def _run(name, width, x, y, epochs, with_callback):
-    """(median step s, fit wall s, callback's own s) for one training run."""
+    """(median step period s, fit wall s, callback's own s) for one run."""
+    keras.backend.clear_session()  # Every run starts from the same state.
+    gc.collect()
     model = _model(name, width)
     timer = FitTimer()
     callback = _callback(name, x) if with_callback else None
@@ -141,6 +164,7 @@ def _run(name, width, x, y, epochs, with_callback):
 
 
 NAMES = (
+    CONTROL,
     "WarmupCosine",
     "ProgressiveUnfreeze",
     "ActivationClipAnneal",
@@ -154,7 +178,7 @@ NAMES = (
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="smoke run")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=12)
     args = parser.parse_args()
     repeats, epochs, n, width = (
         (1, 3, 128, 8) if args.tiny else (args.repeats, 6, 2048, 32)
@@ -163,8 +187,8 @@ def main():
     x = rng.normal(size=(n, 32, 3)).astype("float32")
     y = rng.integers(0, 4, size=(n,))
     print(
-        f"{n} samples, batch 32, {epochs} epochs; medians of {repeats} runs, "
-        "plain and callback runs interleaved\n"
+        f"{n} samples, batch 32, {epochs} epochs; {repeats} side-by-side pairs "
+        "of runs (plain, callback), ratios within each pair, median over pairs\n"
     )
     print(
         "| callback | plain step (ms) | with callback step (ms) | step ratio "
@@ -173,19 +197,22 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for name in NAMES:
         plain, timed = [], []
-        for _ in range(repeats):
-            plain.append(_run(name, width, x, y, epochs, with_callback=False))
-            timed.append(_run(name, width, x, y, epochs, with_callback=True))
+        for i in range(repeats):
+            # Side by side, alternating which goes first, so drift cancels.
+            pair = (False, True) if i % 2 == 0 else (True, False)
+            runs = {w: _run(name, width, x, y, epochs, w) for w in pair}
+            plain.append(runs[False])
+            timed.append(runs[True])
         step_p = statistics.median(r[0] for r in plain)
         step_t = statistics.median(r[0] for r in timed)
-        wall_p = statistics.median(r[1] for r in plain)
-        wall_t = statistics.median(r[1] for r in timed)
+        # Ratios are taken within each pair, then the median over pairs.
+        step_ratio = statistics.median(t[0] / p[0] for p, t in zip(plain, timed))
+        fit_ratio = statistics.median(t[1] / p[1] for p, t in zip(plain, timed))
         own = statistics.median(r[2] for r in timed)
-        rest = statistics.median((r[1] - r[2]) for r in timed) / wall_p
+        rest = statistics.median((t[1] - t[2]) / p[1] for p, t in zip(plain, timed))
         print(
             f"| {name} | {1e3 * step_p:.2f} | {1e3 * step_t:.2f} | "
-            f"{step_t / step_p:.3f} | {wall_t / wall_p:.3f} | {own:.2f} | "
-            f"{rest:.3f} |"
+            f"{step_ratio:.3f} | {fit_ratio:.3f} | {own:.2f} | {rest:.3f} |"
         )
 
 
