@@ -97,14 +97,9 @@ def test_finds_relus_inside_feature_stage(rng):
     assert len(relus) >= 4 and all(layer.max_value == 6.0 for layer in relus)
 
 
-def test_backup_and_restore_resume(tmp_path):
+def test_backup_and_restore_resume(tmp_path, interrupt_at):
     x = np.full((8, 2), 6.0, dtype="float32")
     y = np.zeros((8, 1), dtype="float32")
-
-    class StopAt(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            if epoch == 2:
-                raise RuntimeError("interrupted")
 
     def fit(model, *extra):
         model.compile(keras.optimizers.SGD(0.0), "mse")
@@ -116,7 +111,7 @@ def test_backup_and_restore_resume(tmp_path):
         return model.fit(x, y, batch_size=4, epochs=4, callbacks=callbacks, verbose=0)
 
     with pytest.raises(RuntimeError, match="interrupted"):
-        fit(_model(), StopAt())
+        fit(_model(), interrupt_at(2))
     history = fit(_model())
     assert history.history["activation_clip"] == [8.0, 6.0]
     np.testing.assert_allclose(

@@ -97,17 +97,9 @@ def test_pruned_model_is_measured_stripped():
     assert kmt.optimize.prune.has_pruning(pruned)
 
 
-class StopAt(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise RuntimeError("interrupted")
-
-
-def test_backup_and_restore_resume_measures_at_once(tmp_path, monkeypatch):
+def test_backup_and_restore_resume_measures_at_once(
+    tmp_path, monkeypatch, interrupt_at
+):
     from keras_microtune.export import converter
 
     x, y = _data()
@@ -132,7 +124,7 @@ def test_backup_and_restore_resume_measures_at_once(tmp_path, monkeypatch):
         return model, history
 
     with pytest.raises(RuntimeError, match="interrupted"):
-        fit(StopAt(1))
+        fit(interrupt_at(1))
     assert measured == []  # Epoch 0 is not a scheduled measurement.
     model, history = fit()
     # Epoch 1 opens the resumed fit, so it is measured; epoch 2 is scheduled.

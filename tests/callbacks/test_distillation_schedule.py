@@ -111,13 +111,8 @@ def test_distillation_improves_a_student_on_digits():
     assert accuracy[True] >= accuracy[False] + 0.01, accuracy
 
 
-def test_backup_and_restore_resume(tmp_path):
+def test_backup_and_restore_resume(tmp_path, interrupt_at):
     x, y = _data()
-
-    class StopAt(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            if epoch == 2:
-                raise RuntimeError("interrupted")
 
     def fit(*extra):
         distiller = kmt.losses.Distiller(*_pair())
@@ -130,7 +125,7 @@ def test_backup_and_restore_resume(tmp_path):
         return distiller, distiller.fit(x, y, epochs=4, callbacks=callbacks, verbose=0)
 
     with pytest.raises(RuntimeError, match="interrupted"):
-        fit(StopAt())
+        fit(interrupt_at(2))
     distiller, history = fit()
     assert history.history["distillation_alpha"] == pytest.approx([1 / 3, 1 / 4])
     assert history.history["distillation_temperature"] == pytest.approx([4.0, 4.0])

@@ -105,16 +105,6 @@ class RecordState(keras.callbacks.Callback):
         self.moving_means.append(_moving_means(self.model))
 
 
-class StopAt(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise RuntimeError("interrupted")
-
-
 def _assert_flags_match_logs(history, record):
     """The flag variables hold, in every epoch, the values the logs report."""
     for epoch, flags in enumerate(record.flags):
@@ -200,7 +190,9 @@ def test_quantization_schedule_mirrored_strategy(mirrored):
 
 
 @pytest.mark.parametrize("backup_first", [True, False])
-def test_quantization_schedule_backup_and_restore_resume(tmp_path, backup_first):
+def test_quantization_schedule_backup_and_restore_resume(
+    tmp_path, backup_first, interrupt_at
+):
     x, y = _data()
     backup = str(tmp_path / "backup")
 
@@ -227,7 +219,7 @@ def test_quantization_schedule_backup_and_restore_resume(tmp_path, backup_first)
     reference = fit()[1].history  # Uninterrupted; BackupAndRestore cleans up.
     interrupted = RecordState()
     with pytest.raises(RuntimeError, match="interrupted"):
-        fit(StopAt(2), interrupted)
+        fit(interrupt_at(2), interrupted)
     qat, history, record = fit()
     for name in FLAGS:
         assert history.history[name] == reference[name][2:]
@@ -305,7 +297,7 @@ def test_pruning_schedule_mirrored_strategy(mirrored):
 
 @pytest.mark.parametrize("update_masks_on_epoch_end", [False, True])
 def test_pruning_schedule_backup_and_restore_resume(
-    tmp_path, update_masks_on_epoch_end
+    tmp_path, update_masks_on_epoch_end, interrupt_at
 ):
     x, y = _data()
     backup = str(tmp_path / "backup")
@@ -338,7 +330,7 @@ def test_pruning_schedule_backup_and_restore_resume(
         assert sparsity[0] == sparsity[1] == 0.0 < sparsity[2] == sparsity[3]
     assert sparsity[4] == pytest.approx(0.75, abs=0.01)
     with pytest.raises(RuntimeError, match="interrupted"):
-        fit(StopAt(3))
+        fit(interrupt_at(3))
     pruned, history = fit()
     # The schedule goes on from step 12, not from 0.
     assert history.history["pruning_step"] == [16.0, 20.0]

@@ -112,14 +112,8 @@ def test_mirrored_strategy(rng, mirrored):
     assert [_changed(weights, "high", e) for e in range(2)] == [False, True]
 
 
-class StopAt(keras.callbacks.Callback):
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == 2:
-            raise RuntimeError("interrupted")
-
-
 @pytest.mark.parametrize("backup_first", [True, False])
-def test_backup_and_restore_resume(rng, tmp_path, backup_first):
+def test_backup_and_restore_resume(rng, tmp_path, backup_first, interrupt_at):
     backup = str(tmp_path / "backup")
 
     def callbacks(*extra):
@@ -131,7 +125,7 @@ def test_backup_and_restore_resume(rng, tmp_path, backup_first):
     model = _model()
     model.compile(keras.optimizers.Adam(1e-2), "mse")
     with pytest.raises(RuntimeError, match="interrupted"):
-        _fit(model, rng, callbacks(StopAt()))
+        _fit(model, rng, callbacks(interrupt_at(2)))
     saved_high = model.get_layer("high").get_weights()[0]
     resumed = _model()
     resumed.compile(keras.optimizers.Adam(1e-2), "mse")

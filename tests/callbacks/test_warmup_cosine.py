@@ -121,17 +121,7 @@ def test_invalid_arguments(kwargs, name):
         kmt.callbacks.WarmupCosine(**kwargs)
 
 
-class StopAt(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise RuntimeError("interrupted")
-
-
-def test_backup_and_restore_resume(rng, tmp_path):
+def test_backup_and_restore_resume(rng, tmp_path, interrupt_at):
     x, y = _data(rng)
     backup = str(tmp_path / "backup")
     kwargs = {"warmup_steps": 4, "decay_steps": 8}
@@ -146,7 +136,7 @@ def test_backup_and_restore_resume(rng, tmp_path):
             callbacks=[
                 kmt.callbacks.WarmupCosine(0.1, **kwargs),
                 keras.callbacks.BackupAndRestore(backup),
-                StopAt(2),
+                interrupt_at(2),
             ],
         )
     schedule = kmt.callbacks.WarmupCosine(0.1, **kwargs)

@@ -194,17 +194,7 @@ def test_early_stopping_on_a_value_our_callback_logs():
     assert early.stopped_epoch == 2
 
 
-class StopAt(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise RuntimeError("interrupted")
-
-
-def test_backup_and_restore_resume_continues_every_logged_value(tmp_path):
+def test_backup_and_restore_resume_continues_every_logged_value(tmp_path, interrupt_at):
     x, y = _data()
     backup = str(tmp_path / "backup")
     log = str(tmp_path / "log.csv")
@@ -223,7 +213,7 @@ def test_backup_and_restore_resume_continues_every_logged_value(tmp_path):
         return model, history.history
 
     with pytest.raises(RuntimeError, match="interrupted"):
-        fit(StopAt(2))
+        fit(interrupt_at(2))
     model, history = fit()
     expected = _expected(4)
     for name in OUR_KEYS:
