@@ -77,9 +77,7 @@ class PruningSchedule(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         if self._first_epoch and epoch > 0 and self.update_masks_on_epoch_end:
-            # Resumed: redo the epoch-end update a backup may have missed.
-            for wrapper in self._wrappers:
-                wrapper.update_masks(force=True)
+            self._apply()  # Resumed: redo the epoch-end update a backup missed.
         self._first_epoch = False
 
     def _apply(self):

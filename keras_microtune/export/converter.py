@@ -291,9 +291,8 @@ def _strip_pruning(model):
         return model, False
     from keras_microtune.optimize import prune
 
-    if not prune.has_pruning(model):
-        return model, False
-    return prune.strip(model), True
+    stripped = prune.strip_pruning_for_quantization(model)
+    return stripped, stripped is not model
 
 
 def convert(
