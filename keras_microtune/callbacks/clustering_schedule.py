@@ -54,7 +54,7 @@ class ClusteringSchedule(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         from keras_microtune.optimize import cluster
 
-        self._wrappers = cluster._wrappers(self.model)
+        self._wrappers = cluster.cluster_wrappers(self.model)
         if not self._wrappers:
             raise ValueError(
                 f"ClusteringSchedule: model {self.model.name!r} has no clustering "

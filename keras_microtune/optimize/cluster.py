@@ -30,7 +30,7 @@ import numpy as np
 from keras import ops
 
 from keras_microtune._api import serializable
-from keras_microtune.optimize.prune import _prunable, _rewrite, _walk
+from keras_microtune.optimize import graph, tfmot_bridge
 
 ASSIGNMENTS_FROZEN = "assignments_frozen"
 CENTROIDS_FROZEN = "centroids_frozen"
@@ -141,7 +141,7 @@ class ClusterWeights(keras.layers.Layer):
         self.centroids, self.assignments, self._offsets = [], [], []
         self._snapshots, self._tables_of = [], []
         depthwise = _depthwise_kernels(self.layer)
-        for i, kernel in enumerate(_prunable(self.layer)):
+        for i, kernel in enumerate(graph.kernels(self.layer)):
             channels = _channels(kernel, depthwise)
             rows = int(np.prod(kernel.shape)) // channels
             per_channel = self._per_channel(kernel)
@@ -173,7 +173,7 @@ class ClusterWeights(keras.layers.Layer):
 
     def initialize(self):
         """Set centroids and assignments by k-means on the current kernels."""
-        for i, kernel in enumerate(_prunable(self.layer)):
+        for i, kernel in enumerate(graph.kernels(self.layer)):
             view = ops.convert_to_numpy(kernel).reshape(self.assignments[i].shape)
             per_channel = self._per_channel(kernel)
             centroids, labels = kmeans(
@@ -189,7 +189,7 @@ class ClusterWeights(keras.layers.Layer):
 
     def clustered_kernel(self, i, kernel=None):
         """Kernel `i` as `centroids[assignments]`, in the kernel's shape."""
-        kernel = _prunable(self.layer)[i] if kernel is None else kernel
+        kernel = graph.kernels(self.layer)[i] if kernel is None else kernel
         flat = ops.reshape(self.centroids[i], (-1,))
         index = self.assignments[i] + self._offsets[i]
         return ops.reshape(ops.take(flat, index), kernel.shape)
@@ -201,7 +201,7 @@ class ClusterWeights(keras.layers.Layer):
             self.assignments_frozen < 0.5,
         )
         due = ops.logical_or(due, force)
-        for i, kernel in enumerate(_prunable(self.layer)):
+        for i, kernel in enumerate(graph.kernels(self.layer)):
             view = self._view(i, ops.convert_to_tensor(kernel))
             tables = ops.take(self.centroids[i], self._tables_of[i], axis=0)  # (C, k)
             distance = ops.abs(ops.expand_dims(view, -1) - tables[None])
@@ -213,7 +213,7 @@ class ClusterWeights(keras.layers.Layer):
             self.update_assignments(force=False)
             self.cluster_step.assign_add(1.0)
         mapping = []
-        for i, kernel in enumerate(_prunable(self.layer)):
+        for i, kernel in enumerate(graph.kernels(self.layer)):
             value = self.clustered_kernel(i, kernel)
             if training:  # Straight-through: the latent weights learn too.
                 latent = ops.convert_to_tensor(kernel)
@@ -295,9 +295,6 @@ def cluster_weights(
     >>> max(kmt.optimize.clustering_summary(clustered).values()) <= 4
     True
     """
-    from keras_microtune.optimize import tfmot_bridge
-    from keras_microtune.optimize.quantize import _check_model
-
     _check_int("number_of_clusters", number_of_clusters, 2, 128)
     _check_int("update_frequency", update_frequency, 1)
     if not isinstance(cluster_per_channel, bool):
@@ -307,15 +304,14 @@ def cluster_weights(
         )
     if tfmot_bridge.is_tf_keras_model(model):
         return tfmot_bridge.cluster_weights(model, number_of_clusters)
-    _check_model(model, "cluster_weights()")
-    from keras_microtune.optimize.quantize_stages import clone_layer
+    graph.check_model(model, "cluster_weights()")
 
     def replace(layer, x):
         shape = keras.tree.map_structure(lambda t: t.shape, x)
         if isinstance(layer, ClusterWeights):
-            return clone_layer(layer, shape)
-        copy = clone_layer(layer, shape)
-        if not _prunable(copy):
+            return graph.clone_layer(layer, shape)
+        copy = graph.clone_layer(layer, shape)
+        if not graph.kernels(copy):
             return copy
         wrapper = ClusterWeights(
             copy,
@@ -328,22 +324,21 @@ def cluster_weights(
         wrapper.initialize()
         return wrapper
 
-    return _rewrite(model, replace)
+    return graph.rewrite(model, replace)
 
 
 def _strip_layer(layer, x):
     if not isinstance(layer, ClusterWeights):
         return layer
-    from keras_microtune.optimize.quantize_stages import clone_layer
-
-    copy = clone_layer(layer.layer, keras.tree.map_structure(lambda t: t.shape, x))
-    for i, kernel in enumerate(_prunable(copy)):
+    shape = keras.tree.map_structure(lambda t: t.shape, x)
+    copy = graph.clone_layer(layer.layer, shape)
+    for i, kernel in enumerate(graph.kernels(copy)):
         kernel.assign(layer.clustered_kernel(i, kernel))
     return copy
 
 
 def has_clustering(model):
-    return any(isinstance(layer, ClusterWeights) for layer in _walk(model))
+    return any(isinstance(layer, ClusterWeights) for layer in graph.walk(model))
 
 
 def strip_clustering(model):
@@ -351,26 +346,25 @@ def strip_clustering(model):
 
     tf_keras models go to tfmot's `strip_clustering`.
     """
-    from keras_microtune.optimize import tfmot_bridge
-
     if tfmot_bridge.is_tf_keras_model(model):
         return tfmot_bridge.strip_clustering(model)
-    return _rewrite(model, _strip_layer)
+    return graph.rewrite(model, _strip_layer)
 
 
-def _wrappers(model):
-    return [layer for layer in _walk(model) if isinstance(layer, ClusterWeights)]
+def cluster_wrappers(model):
+    """The `ClusterWeights` wrappers of `model`, nested models included."""
+    return [layer for layer in graph.walk(model) if isinstance(layer, ClusterWeights)]
 
 
 def update_cluster_assignments(model):
     """Reassign every clustered weight of `model` to its nearest centroid now."""
-    for wrapper in _wrappers(model):
+    for wrapper in cluster_wrappers(model):
         wrapper.update_assignments(force=True)
 
 
 def freeze_assignments(model, frozen=True):
     """Stop (or resume) reassigning weights during training; returns the count."""
-    wrappers = _wrappers(model)
+    wrappers = cluster_wrappers(model)
     for wrapper in wrappers:
         wrapper.assignments_frozen.assign(float(bool(frozen)))
     return len(wrappers)
@@ -378,7 +372,7 @@ def freeze_assignments(model, frozen=True):
 
 def freeze_centroids(model, frozen=True):
     """Keep (or release) the centroids at their current values."""
-    wrappers = _wrappers(model)
+    wrappers = cluster_wrappers(model)
     for wrapper in wrappers:
         if frozen:
             for centroids, snapshot in zip(wrapper.centroids, wrapper._snapshots):
@@ -396,9 +390,9 @@ def _max_values_per_table(values, per_channel, channels):
 def clustering_summary(model):
     """`{kernel path: most distinct values in one table}` for clustered kernels."""
     summary = {}
-    for wrapper in _wrappers(model):
+    for wrapper in cluster_wrappers(model):
         depthwise = _depthwise_kernels(wrapper.layer)
-        for i, kernel in enumerate(_prunable(wrapper.layer)):
+        for i, kernel in enumerate(graph.kernels(wrapper.layer)):
             values = ops.convert_to_numpy(wrapper.clustered_kernel(i, kernel))
             channels = _channels(kernel, depthwise)
             per_channel = wrapper._per_channel(kernel)
@@ -408,7 +402,7 @@ def clustering_summary(model):
 
 def number_of_clusters(model):
     """The largest `number_of_clusters` of the model's wrappers, or None."""
-    counts = [w.number_of_clusters for w in _wrappers(model)]
+    counts = [w.number_of_clusters for w in cluster_wrappers(model)]
     return max(counts) if counts else None
 
 
@@ -441,7 +435,7 @@ def preserve_clusters(model, number_of_clusters=16):
     Returns the number of kernels constrained.
     """
     count = 0
-    for layer in _walk(model):
+    for layer in graph.walk(model):
         depthwise = _depthwise_kernels(layer)
         for variable in layer.weights:
             if "kernel" not in variable.name or len(variable.shape) < 2:

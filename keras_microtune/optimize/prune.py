@@ -22,25 +22,9 @@ import keras
 from keras import ops
 
 from keras_microtune._api import serializable
+from keras_microtune.optimize import graph, tfmot_bridge
 
 STEP = "pruning_step"
-
-
-def _prunable(layer):
-    return [v for v in layer.weights if "kernel" in v.name and len(v.shape) >= 2]
-
-
-class _MaskConstraint:
-    """Multiply a kernel by its pruning mask after any original constraint."""
-
-    def __init__(self, mask, constraint=None):
-        self.mask = mask
-        self.constraint = constraint
-
-    def __call__(self, kernel):
-        if self.constraint is not None:
-            kernel = self.constraint(kernel)
-        return kernel * self.mask
 
 
 @serializable
@@ -82,12 +66,12 @@ class PruneLowMagnitude(keras.layers.Layer):
             self.add_weight(
                 name=f"mask_{i}", shape=v.shape, initializer="ones", trainable=False
             )
-            for i, v in enumerate(_prunable(self.layer))
+            for i, v in enumerate(graph.kernels(self.layer))
         ]
         # Optimizers apply `variable.constraint` after each update: masking
         # there keeps pruned weights at zero between steps, not just in call.
-        for kernel, mask in zip(_prunable(self.layer), self.masks):
-            kernel.constraint = _MaskConstraint(mask, kernel.constraint)
+        for kernel, mask in zip(graph.kernels(self.layer), self.masks):
+            kernel.constraint = graph.MaskConstraint(mask, kernel.constraint)
 
     def sparsity_at(self, step):
         step = ops.cast(step, "float32")
@@ -112,12 +96,12 @@ class PruneLowMagnitude(keras.layers.Layer):
         due = ops.logical_and(due, ops.less_equal(step, self.end_step))
         due = ops.logical_or(due, force)
         sparsity = self.sparsity_at(step)
-        for kernel, mask in zip(_prunable(self.layer), self.masks):
+        for kernel, mask in zip(graph.kernels(self.layer), self.masks):
             mask.assign(ops.where(due, self._new_mask(kernel, sparsity), mask))
         self.apply_masks()
 
     def apply_masks(self):
-        for kernel, mask in zip(_prunable(self.layer), self.masks):
+        for kernel, mask in zip(graph.kernels(self.layer), self.masks):
             kernel.assign(kernel * mask)
 
     def call(self, inputs, training=None, **kwargs):
@@ -143,28 +127,6 @@ class PruneLowMagnitude(keras.layers.Layer):
             "frequency": self.frequency,
             "power": self.power,
         }
-
-
-def _rewrite(model, replace):
-    """Clone a (Functional/Sequential) model, mapping each layer by `replace`."""
-    from keras_microtune.optimize.quantize import as_functional
-
-    model = as_functional(model)
-    done = {}
-
-    def call_function(layer, *args, **kwargs):
-        if id(layer) not in done:
-            if isinstance(layer, keras.Model):
-                done[id(layer)] = _rewrite(layer, replace)
-            elif isinstance(layer, keras.layers.Layer):
-                done[id(layer)] = replace(layer, args[0])
-            else:
-                return layer(*args, **kwargs)
-        return done[id(layer)](*args, **kwargs)
-
-    return keras.models.clone_model(
-        model, clone_function=lambda layer: layer, call_function=call_function
-    )
 
 
 def prune_low_magnitude(
@@ -198,9 +160,6 @@ def prune_low_magnitude(
     Returns:
         A new keras.Model.
     """
-    from keras_microtune.optimize import tfmot_bridge
-    from keras_microtune.optimize.quantize import _check_model
-
     if not isinstance(target_sparsity, (int, float)) or not 0 <= target_sparsity < 1:
         raise ValueError(
             "Received an invalid value for `target_sparsity`, expected a float in "
@@ -229,39 +188,30 @@ def prune_low_magnitude(
     args = (target_sparsity, begin_step, end_step, frequency, power)
     if tfmot_bridge.is_tf_keras_model(model):
         return tfmot_bridge.prune_low_magnitude(model, *args)
-    _check_model(model, "prune_low_magnitude()")
-    from keras_microtune.optimize.quantize_stages import clone_layer
+    graph.check_model(model, "prune_low_magnitude()")
 
     def replace(layer, x):
         shape = keras.tree.map_structure(lambda t: t.shape, x)
-        copy = clone_layer(layer, shape)
-        if isinstance(layer, PruneLowMagnitude) or not _prunable(copy):
+        copy = graph.clone_layer(layer, shape)
+        if isinstance(layer, PruneLowMagnitude) or not graph.kernels(copy):
             return copy
         return PruneLowMagnitude(copy, *args, name=f"prune_{layer.name}")
 
-    return _rewrite(model, replace)
+    return graph.rewrite(model, replace)
 
 
 def _strip_layer(layer, x):
     if not isinstance(layer, PruneLowMagnitude):
         return layer
-    from keras_microtune.optimize.quantize_stages import clone_layer
-
-    copy = clone_layer(layer.layer, keras.tree.map_structure(lambda t: t.shape, x))
-    for kernel, mask in zip(_prunable(copy), layer.masks):
+    shape = keras.tree.map_structure(lambda t: t.shape, x)
+    copy = graph.clone_layer(layer.layer, shape)
+    for kernel, mask in zip(graph.kernels(copy), layer.masks):
         kernel.assign(kernel * mask)
     return copy
 
 
-def _walk(model):
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from _walk(layer)
-        yield layer
-
-
 def has_pruning(model):
-    return any(isinstance(layer, PruneLowMagnitude) for layer in _walk(model))
+    return any(isinstance(layer, PruneLowMagnitude) for layer in graph.walk(model))
 
 
 def strip(model):
@@ -270,11 +220,9 @@ def strip(model):
     A QAT model keeps its fake-quant layers: they carry the int8 ranges the
     converter needs. tf_keras models go to tfmot's `strip_pruning`.
     """
-    from keras_microtune.optimize import tfmot_bridge
-
     if tfmot_bridge.is_tf_keras_model(model):
         return tfmot_bridge.strip_pruning(model)
-    return _rewrite(model, _strip_layer)
+    return graph.rewrite(model, _strip_layer)
 
 
 def strip_pruning_for_quantization(model):
@@ -283,7 +231,7 @@ def strip_pruning_for_quantization(model):
 
 def update_pruning_masks(model, step=None):
     """Recompute and apply every pruning mask of `model` now."""
-    for layer in _walk(model):
+    for layer in graph.walk(model):
         if isinstance(layer, PruneLowMagnitude):
             layer.update_masks(step=step, force=True)
 

@@ -18,6 +18,7 @@ Hooks for schedules live in `optimize/hooks.py`.
 import keras
 
 from keras_microtune.layers import EmbeddingStage, FeatureStage, MicroTune, OutputStage
+from keras_microtune.optimize import cluster, graph, prune, tfmot_bridge
 from keras_microtune.optimize import quantize_stages as stages
 from keras_microtune.optimize.quantize_conv import kind_of
 from keras_microtune.optimize.quantizers import (
@@ -107,31 +108,6 @@ def _unsupported_error(layer):
         "quantization on its output (the converter then produces int8 only if "
         "TFLite has an int8 kernel for it)."
     )
-
-
-def _check_model(model, name="quantize_model()"):
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"{name} expects a keras.Model. Received: model of type "
-            f"{type(model).__name__}"
-        )
-    if not model.built or not model.inputs:
-        raise ValueError(
-            f"{name} needs a built Sequential or Functional model with known "
-            f"inputs. Received: model={model.name!r} with no inputs; build it or "
-            "call it on a keras.Input inside a Functional model."
-        )
-
-
-def as_functional(model):
-    """A Functional view of `model`: Sequential models are rebuilt (copies)."""
-    if not isinstance(model, keras.Sequential):
-        return model
-    inputs = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
-    x = inputs
-    for layer in model.layers:
-        x = stages.clone_layer(layer, x.shape)(x)
-    return keras.Model(inputs, x, name=model.name)
 
 
 def _consumers(model):
@@ -224,7 +200,7 @@ def _quantize_graph(model, unsupported, sparse, quantize_inputs):
             raise _unsupported_error(layer)
         if id(layer) not in built:
             shape = keras.tree.map_structure(lambda t: t.shape, x)
-            built[id(layer)] = stages.clone_layer(layer, shape)
+            built[id(layer)] = graph.clone_layer(layer, shape)
         out = built[id(layer)](*args, **kwargs)
         if category in ("requantize", None):
             out = ActivationQuantizer(name=f"{layer.name}_quantizer")(out)
@@ -236,13 +212,13 @@ def _quantize_graph(model, unsupported, sparse, quantize_inputs):
 
 
 def _quantize(model, unsupported, sparse, quantize_inputs):
-    from keras_microtune.optimize import cluster, prune
-
     clusters = cluster.number_of_clusters(model)
     if clusters:  # Cluster-preserving QAT: clustered kernels stay clustered.
         model = cluster.strip_clustering(model)
     model = prune.strip_pruning_for_quantization(model)
-    qat = _quantize_graph(as_functional(model), unsupported, sparse, quantize_inputs)
+    qat = _quantize_graph(
+        graph.as_functional(model), unsupported, sparse, quantize_inputs
+    )
     if clusters:
         cluster.preserve_clusters(qat, clusters)
     return qat
@@ -288,11 +264,9 @@ def quantize_model(model, unsupported="raise", preserve_sparsity=True):
     >>> qat.output_shape
     (None, 3)
     """
-    from keras_microtune.optimize import tfmot_bridge
-
     if tfmot_bridge.is_tf_keras_model(model):
         return tfmot_bridge.quantize_model(model)
-    _check_model(model)
+    graph.check_model(model, "quantize_model()")
     if unsupported not in UNSUPPORTED_POLICIES:
         raise ValueError(
             "Received an invalid value for `unsupported`, expected one of "

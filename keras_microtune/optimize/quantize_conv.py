@@ -16,10 +16,10 @@ import keras
 from keras import ops
 
 from keras_microtune._api import serializable
-from keras_microtune.optimize.prune import _MaskConstraint
+from keras_microtune.optimize.graph import MaskConstraint
 from keras_microtune.optimize.quantizers import (
     ActivationQuantizer,
-    _flag,
+    flag,
     quantize_weights,
 )
 
@@ -127,7 +127,7 @@ class QuantizeConv(keras.layers.Layer):
         if self.batch_norm is not None and not self.batch_norm.built:
             self.batch_norm.build(out_shape)
         if self.batch_norm is not None:
-            self.bn_frozen = _flag(self, BN_FROZEN, 0.0)
+            self.bn_frozen = flag(self, BN_FROZEN, 0.0)
         self.masks = []
         if self.preserve_sparsity:
             for i, kernel in enumerate(self._kernels()):
@@ -141,7 +141,7 @@ class QuantizeConv(keras.layers.Layer):
                     trainable=False,
                 )
                 self.masks.append(mask)
-                kernel.constraint = _MaskConstraint(mask, kernel.constraint)
+                kernel.constraint = MaskConstraint(mask, kernel.constraint)
         self.output_quantizer.build(out_shape)
         if self.intermediate_quantizer is not None:
             self.intermediate_quantizer.build(None)

@@ -13,20 +13,9 @@ from keras import ops
 from keras_microtune._api import serializable
 from keras_microtune.layers import MicroTune
 from keras_microtune.layers.embedding_stage import l2_normalize
+from keras_microtune.optimize.graph import clone_layer
 from keras_microtune.optimize.quantize_conv import QuantizeConv, kind_of
 from keras_microtune.optimize.quantizers import ActivationQuantizer, quantize_weights
-
-
-def clone_layer(layer, input_shape, name=None):
-    """A copy of a built `layer` with its own weights."""
-    config = layer.get_config()
-    if name is not None:
-        config["name"] = name
-    copy = layer.__class__.from_config(config)
-    copy.build(input_shape)
-    copy.set_weights(layer.get_weights())
-    copy.trainable = layer.trainable
-    return copy
 
 
 def relu_max_value(layer):

@@ -27,7 +27,8 @@ ENABLED = "quant_enabled"
 RANGE_FROZEN = "range_frozen"
 
 
-def _flag(layer, name, value):
+def flag(layer, name, value):
+    """Add a float32 scalar run-time flag variable `name` (not trained) to `layer`."""
     return layer.add_weight(
         name=name,
         shape=(),
@@ -114,11 +115,11 @@ class ActivationQuantizer(keras.layers.Layer):
 
     def build(self, input_shape):
         low, high = self.fixed_range or (-6.0, 6.0)
-        self.range_min = _flag(self, "range_min", low)
-        self.range_max = _flag(self, "range_max", high)
-        self.range_initialized = _flag(self, "range_initialized", 0.0)
-        self.enabled = _flag(self, ENABLED, 1.0)
-        self.frozen = _flag(self, RANGE_FROZEN, 0.0)
+        self.range_min = flag(self, "range_min", low)
+        self.range_max = flag(self, "range_max", high)
+        self.range_initialized = flag(self, "range_initialized", 0.0)
+        self.enabled = flag(self, ENABLED, 1.0)
+        self.frozen = flag(self, RANGE_FROZEN, 0.0)
 
     def _update_range(self, x):
         batch_min = ops.minimum(ops.min(x), 0.0)
