@@ -80,7 +80,7 @@ def _imports(importer, modules):
 
 def _known(name, modules):
     """The package module `name` is, or is an attribute of."""
-    while name not in modules:
+    while name not in modules and "." in name:
         name = name.rpartition(".")[0]
     return name
 
