@@ -1,9 +1,14 @@
 """PruningSchedule: check, follow and log magnitude pruning during fit."""
 
+import warnings
+
 import keras
 import numpy as np
 
+from keras_microtune._api import KerasMicrotuneWarning
 from keras_microtune.callbacks._base import sublayers
+
+TOLERANCE = 0.01  # Warn when the model ends more than 1 point below its schedule.
 
 
 def _wrappers(model):
@@ -31,6 +36,12 @@ class PruningSchedule(keras.callbacks.Callback):
     listed before this callback saves the weights before the epoch-end
     update, and the resumed run would otherwise train one epoch with older
     masks than an uninterrupted run.
+
+    When training ends, a `KerasMicrotuneWarning` says so if the masks hold
+    more than 1 point less sparsity than the schedule promises at the last
+    step trained (masks are recomputed every `frequency` steps and at
+    `end_step`, so this happens when `end_step` lies beyond the steps trained
+    and `frequency` is coarse), with the steps involved and what to change.
 
     Args:
         update_masks_on_epoch_end: bool. Recompute the masks at the current
@@ -106,3 +117,63 @@ class PruningSchedule(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         for wrapper in self._wrappers:
             wrapper.apply_masks()
+        self._check_schedule()
+
+    def _check_schedule(self):
+        """Warn when the masks end below what the schedule promised by now."""
+        zeros = promised = total = 0
+        worst, worst_gap = None, 0.0
+        for wrapper in self._wrappers:
+            step = int(wrapper.pruning_step.numpy()) - 1  # The last step trained.
+            if step < 0:
+                continue
+            sparsity = float(wrapper.sparsity_at(step))
+            for mask in wrapper.masks:
+                values = keras.ops.convert_to_numpy(mask)
+                found, due = int(np.sum(values == 0)), round(sparsity * values.size)
+                zeros, promised, total = (
+                    zeros + found,
+                    promised + due,
+                    total + values.size,
+                )
+                if (due - found) / values.size > worst_gap:
+                    worst, worst_gap = wrapper, (due - found) / values.size
+        if not total or (promised - zeros) / total <= TOLERANCE:
+            return
+        warnings.warn(
+            f"PruningSchedule: training ended at {zeros / total:.1%} sparsity, "
+            f"{(promised - zeros) / total * 100:.1f} points below the "
+            f"{promised / total:.1%} the "
+            f"pruning schedule promises by the last step trained. " + _why(worst),
+            KerasMicrotuneWarning,
+            stacklevel=2,
+        )
+
+
+def _why(wrapper):
+    """Why a wrapper's masks lag its schedule, and what to change."""
+    step = int(wrapper.pruning_step.numpy()) - 1
+    last = wrapper.last_update_step(step)
+    if last is None:
+        updated = "no mask update was due yet"
+    else:
+        updated = (
+            f"the last update was at step {last} (sparsity "
+            f"{float(wrapper.sparsity_at(last)):.1%})"
+        )
+    text = (
+        f"Layer {wrapper.name!r}: masks are recomputed every "
+        f"frequency={wrapper.frequency} steps from begin_step={wrapper.begin_step} "
+        f"and at end_step={wrapper.end_step}; {updated} and training stopped at "
+        f"step {step} (steps count from 0)."
+    )
+    if wrapper.end_step > step:
+        text += (
+            f" end_step={wrapper.end_step} is beyond the {step + 1} steps trained, "
+            f"so the final update to target_sparsity={wrapper.target_sparsity} "
+            f"never ran: use end_step <= {step}, or train longer."
+        )
+    return text + (
+        " A smaller `frequency`, or PruningSchedule(update_masks_on_epoch_end=True), "
+        "keeps the masks closer to the schedule."
+    )

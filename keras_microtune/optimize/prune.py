@@ -4,7 +4,9 @@
 (Dense, convolutions, the stage layers) in `PruneLowMagnitude`. Each wrapper
 keeps one mask per kernel and a step counter; at every training step it
 advances `pruning_step`, recomputes the masks when the schedule says so
-(every `frequency` steps between `begin_step` and `end_step`) and multiplies
+(every `frequency` steps from `begin_step`, and at `end_step`, so
+`target_sparsity` is reached at `end_step` whatever `frequency` is; tfmot's
+`PolynomialDecay` updates on the multiples only) and multiplies
 the kernels by their masks, so pruned weights stay zero.
 
 Hooks (for `kmt.callbacks.PruningSchedule`):
@@ -32,14 +34,17 @@ class PruneLowMagnitude(keras.layers.Layer):
     """Prune the smallest-magnitude kernel weights of `layer` on a schedule.
 
     Sparsity at step `t` is `target * (1 - (1 - p) ** power)` with
-    `p = clip((t - begin_step) / (end_step - begin_step), 0, 1)`.
+    `p = clip((t - begin_step) / (end_step - begin_step), 0, 1)`. Masks are
+    recomputed at `begin_step`, every `frequency` steps after it, and at
+    `end_step` (steps count training batches from 0).
 
     Args:
         layer: keras.layers.Layer. The layer whose kernels are pruned.
         target_sparsity: float in [0, 1). Final fraction of zeros.
         begin_step: int. First step that prunes.
-        end_step: int. Step at which `target_sparsity` is reached.
-        frequency: int. Steps between mask updates.
+        end_step: int. Step at which `target_sparsity` is reached (the
+            last mask update).
+        frequency: int. Steps between mask updates before `end_step`.
         power: int. Exponent of the polynomial decay.
     """
 
@@ -79,6 +84,15 @@ class PruneLowMagnitude(keras.layers.Layer):
         progress = ops.clip((step - self.begin_step) / span, 0.0, 1.0)
         return self.target_sparsity * (1.0 - (1.0 - progress) ** self.power)
 
+    def last_update_step(self, step):
+        """The last scheduled mask update at or before `step` (None if none)."""
+        step = min(int(step), self.end_step)
+        if step < self.begin_step:
+            return None
+        if step == self.end_step:
+            return step
+        return step - (step - self.begin_step) % self.frequency
+
     def _new_mask(self, kernel, sparsity):
         magnitude = ops.reshape(ops.abs(kernel), (-1,))
         count = ops.cast(ops.round(sparsity * magnitude.shape[0]), "int32")
@@ -89,11 +103,17 @@ class PruneLowMagnitude(keras.layers.Layer):
     def update_masks(self, step=None, force=True):
         """Recompute the masks at `step` (a step due now if not `force`)."""
         step = self.pruning_step if step is None else ops.cast(step, "float32")
-        due = ops.logical_and(
-            ops.greater_equal(step, self.begin_step),
+        turn = ops.logical_or(  # Every `frequency` steps, and at `end_step`.
             ops.equal(ops.mod(step - self.begin_step, self.frequency), 0.0),
+            ops.equal(step, self.end_step),
         )
-        due = ops.logical_and(due, ops.less_equal(step, self.end_step))
+        due = ops.logical_and(
+            turn,
+            ops.logical_and(
+                ops.greater_equal(step, self.begin_step),
+                ops.less_equal(step, self.end_step),
+            ),
+        )
         due = ops.logical_or(due, force)
         sparsity = self.sparsity_at(step)
         for kernel, mask in zip(graph.kernels(self.layer), self.masks):
@@ -143,7 +163,9 @@ def prune_low_magnitude(
     `EmbeddingStage`, `MicroTune`, `OutputStage`) is wrapped in
     `PruneLowMagnitude`; masks follow a polynomial-decay schedule from 0 to
     `target_sparsity` between `begin_step` and `end_step`, updated every
-    `frequency` training steps and applied at every step. tf_keras models
+    `frequency` training steps and at `end_step` (so the target is reached
+    there even when `frequency` does not divide `end_step - begin_step`), and
+    applied at every step. tf_keras models
     go to tfmot's `prune_low_magnitude` (add its `UpdatePruningStep`
     callback, available as `tfmot_bridge.update_pruning_step_callback()`).
 
@@ -152,9 +174,11 @@ def prune_low_magnitude(
         target_sparsity: float in [0, 1). Final fraction of zero weights.
             Defaults to `0.5`.
         begin_step: int. Training step where pruning starts. Defaults to `0`.
-        end_step: int. Step where `target_sparsity` is reached. Defaults
-            to `1000`.
-        frequency: int. Steps between mask updates. Defaults to `100`.
+        end_step: int. Step where `target_sparsity` is reached (steps
+            count training batches from 0, so a fit of `n` steps reaches it
+            when `end_step <= n - 1`). Defaults to `1000`.
+        frequency: int. Steps between mask updates before `end_step`.
+            Defaults to `100`.
         power: int. Exponent of the polynomial decay. Defaults to `3`.
 
     Returns:

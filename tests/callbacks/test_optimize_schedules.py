@@ -1,3 +1,5 @@
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -354,3 +356,75 @@ def test_pruning_schedule_errors():
     model.compile("adam", "mse")
     with pytest.raises(ValueError, match=r"kmt.optimize.prune_low_magnitude\(model"):
         model.fit(*_data(), verbose=0, callbacks=[kmt.callbacks.PruningSchedule()])
+
+
+def test_pruning_schedule_reaches_target_with_default_frequency():
+    """Issue 18: end_step=93 with the default frequency=100, 3 epochs of 62 steps,
+    logged 0.0 sparsity three times on main; the target is reached at end_step."""
+    x, y = _data(62)
+    pruned = kmt.optimize.prune_low_magnitude(
+        _float_model(), target_sparsity=0.5, begin_step=0, end_step=93
+    )
+    pruned.compile("adam", "mse")
+    history = pruned.fit(
+        x,
+        y,
+        batch_size=1,
+        epochs=3,
+        callbacks=[kmt.callbacks.PruningSchedule()],
+        verbose=0,
+    )
+    assert history.history["sparsity"][0] == 0.0  # Only step 0 so far.
+    assert history.history["sparsity"][1:] == pytest.approx([0.5, 0.5], abs=0.01)
+    zeros = kmt.optimize.pruning_summary(kmt.optimize.strip(pruned))
+    assert list(zeros.values()) == pytest.approx([0.5, 0.5], abs=0.01)
+
+
+def _prune_fit(end_step, frequency, **schedule):
+    x, y = _data()
+    pruned = kmt.optimize.prune_low_magnitude(
+        _float_model(), target_sparsity=0.5, end_step=end_step, frequency=frequency
+    )
+    pruned.compile("adam", "mse")
+    callback = kmt.callbacks.PruningSchedule(**schedule)
+    history = pruned.fit(
+        x, y, batch_size=8, epochs=3, callbacks=[callback], verbose=0
+    )  # 12 steps: 0 ... 11.
+    return history.history["sparsity"][-1]
+
+
+def test_pruning_schedule_warns_when_masks_end_below_the_schedule():
+    # Masks updated at steps 0 and 8; the schedule promises more by step 11.
+    with pytest.warns(kmt.KerasMicrotuneWarning) as record:
+        sparsity = _prune_fit(end_step=20, frequency=8)
+    assert sparsity == pytest.approx(0.5 * (1 - (12 / 20) ** 3), abs=0.01)
+    ours = [w for w in record if issubclass(w.category, kmt.KerasMicrotuneWarning)]
+    assert len(ours) == 1
+    message = str(ours[0].message)
+    found = re.search(
+        r"at ([\d.]+)% sparsity, ([\d.]+) points below the ([\d.]+)%", message
+    )
+    ended, gap, promised = (float(v) for v in found.groups())
+    assert ended == pytest.approx(sparsity * 100, abs=0.05)
+    assert promised == pytest.approx(50 * (1 - (9 / 20) ** 3), abs=1)  # At step 11.
+    assert gap == pytest.approx(promised - ended, abs=0.1) and gap > 1
+    assert "the last update was at step 8" in message
+    assert "end_step=20 is beyond the 12 steps trained" in message
+    assert "use end_step <= 11" in message
+
+
+@pytest.mark.parametrize(
+    "end_step, frequency, schedule",
+    [
+        (11, 8, {}),  # The final update at end_step=11 ran: the target is there.
+        (20, 1, {}),  # Short of end_step, but the masks follow the schedule.
+        (20, 8, {"update_masks_on_epoch_end": True}),
+    ],
+)
+def test_pruning_schedule_quiet_when_masks_follow_the_schedule(
+    end_step, frequency, schedule
+):
+    # filterwarnings=error: a KerasMicrotuneWarning here fails the test.
+    sparsity = _prune_fit(end_step, frequency, **schedule)
+    if end_step == 11:
+        assert sparsity == pytest.approx(0.5, abs=0.01)

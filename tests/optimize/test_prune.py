@@ -119,3 +119,25 @@ def test_pqat_zeros_survive_into_int8(rng, tools):
 def test_invalid_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         kmt.optimize.prune_low_magnitude(_model(), **kwargs)
+
+
+@pytest.mark.parametrize("frequency", [100, 40])
+def test_last_mask_update_is_at_end_step_whatever_the_frequency(frequency):
+    """Issue 18: with frequency > end_step - begin_step the masks never left 0."""
+    layer = kmt.optimize.PruneLowMagnitude(
+        L.Dense(64), 0.5, begin_step=0, end_step=93, frequency=frequency, power=3
+    )
+    layer.build((None, 32))
+    layer.layer.kernel.assign(np.random.default_rng(0).normal(size=(32, 64)))
+
+    def sparsity_after(step):
+        layer.update_masks(step=step, force=False)
+        return float(np.mean(keras.ops.convert_to_numpy(layer.masks[0]) == 0))
+
+    assert sparsity_after(50) == 0.0  # Not an update step: masks stay.
+    assert sparsity_after(93) == 0.5
+    layer.layer.kernel.assign(np.ones((32, 64)))
+    assert sparsity_after(94) == 0.5  # After end_step: no update either.
+    assert [layer.last_update_step(s) for s in (0, 39, 40, 92, 93, 500)] == (
+        [0, 0, 0, 0, 93, 93] if frequency == 100 else [0, 0, 40, 80, 93, 93]
+    )
