@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import unicodedata
 
 import numpy as np
 
@@ -213,7 +216,41 @@ def trace(model, specs):
         out = model(list(args) if len(args) > 1 else args[0], training=False)
         return out
 
-    return tf.function(call).get_concrete_function(*tensor_specs)
+    with scope_names(model):
+        return tf.function(call).get_concrete_function(*tensor_specs)
+
+
+# TensorFlow's graph name scopes (what Keras opens per layer while tracing).
+_ROOT_SCOPE = re.compile(r"[A-Za-z0-9.][A-Za-z0-9_.\\/>-]*")
+_SCOPE = re.compile(r"[A-Za-z0-9_.\\/>-]*")
+
+
+def _scope_name(name: str, root: bool) -> str:
+    """`name` as TensorFlow accepts it: accents dropped, other characters `_`."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore")
+    plain = re.sub(r"[^A-Za-z0-9_.-]", "_", ascii_name.decode("ascii"))
+    return f"m{plain}" if root and not _ROOT_SCOPE.fullmatch(plain) else plain
+
+
+@contextlib.contextmanager
+def scope_names(model):
+    """Rename, while tracing, the layers whose names TensorFlow's name scopes
+    reject ("my model", "dense 1", "modèle"): Keras 3 accepts any name without
+    "/", but a graph trace fails with "... is not a valid root scope name"
+    (tf_keras refuses such names when the model is built). The names are
+    restored afterwards; `result.name` and `g_model_name` keep the original."""
+    flatten = getattr(model, "_flatten_layers", None)  # No layers: a SavedModel.
+    renamed = []
+    for layer in flatten(include_self=True, recursive=True) if flatten else []:
+        root = layer is model
+        if not (_ROOT_SCOPE if root else _SCOPE).fullmatch(layer.name):
+            renamed.append((layer, layer.name))
+            layer.name = _scope_name(layer.name, root)
+    try:
+        yield
+    finally:
+        for layer, name in renamed:
+            layer.name = name
 
 
 def graph_op_types(concrete) -> set[str]:

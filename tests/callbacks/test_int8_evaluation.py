@@ -30,6 +30,23 @@ def test_logs_int8_accuracy_every_n_epochs(rng):
     assert callback.metrics["runtime"] == "tflm" and callback.seconds > 0
 
 
+def test_converts_a_model_named_as_tensorflow_rejects(rng):
+    """Issue 18: names like "my model" train eagerly (run_eagerly=True) and
+    convert at epoch end under sanitized names."""
+    x = rng.normal(size=(32, 8)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    inputs = keras.Input((8,))
+    hidden = keras.layers.Dense(8, activation="relu", name="dense 1")(inputs)
+    outputs = keras.layers.Dense(2, activation="softmax", name="sortie (v2)")(hidden)
+    model = keras.Model(inputs, outputs, name="my model")
+    model.compile("adam", "sparse_categorical_crossentropy", run_eagerly=True)
+    callback = kmt.callbacks.Int8Evaluation(x, y)
+    history = model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
+    float_acc = kmt.evaluate(model, x, y)["accuracy"]
+    assert abs(history.history["int8_accuracy"][0] - float_acc) <= 0.1
+    assert [layer.name for layer in model.layers[1:]] == ["dense 1", "sortie (v2)"]
+
+
 def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="every"):
         kmt.callbacks.Int8Evaluation(np.zeros((2, 3)), np.zeros(2), every=0)

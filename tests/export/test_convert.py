@@ -206,3 +206,61 @@ def test_bad_arguments(trained):
         kmt.convert(model, "mcu", representative_data=bad)
     with pytest.raises(ValueError, match=r"axis 2 is 5, expected 6"):
         kmt.convert(model, "mcu", representative_data=x[:, :, :5])
+
+
+def _named(model, inner="inner", layer="hidden"):
+    """The same weights under any names; `inner` is a nested model."""
+    keras.utils.set_random_seed(0)
+    block = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(8, activation="relu", name=layer)],
+        name=inner,
+    )
+    inputs = keras.Input((6,))
+    outputs = keras.layers.Dense(3, name="out")(block(inputs))
+    return keras.Model(inputs, outputs, name=model)
+
+
+X_NAMED = np.random.default_rng(0).normal(size=(32, 6)).astype("float32")
+
+
+@pytest.fixture(scope="module")
+def plainly_named():
+    return {
+        target: kmt.convert(_named("plain"), target, X_NAMED, verbose=0)
+        for target in ("mcu", "mobile-int8")
+    }
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        {"model": "my model"},
+        {"model": "modèle"},
+        {"model": "net(v2)"},
+        {"model": "_private", "inner": "sub model", "layer": "dense 1"},
+    ],
+    ids=lambda names: "-".join(names.values()),
+)
+def test_names_tensorflow_rejects_convert_as_plain_ones(names, plainly_named):
+    """Issue 18: Keras builds and saves these, TensorFlow's name scopes reject
+    them ("'my model' is not a valid root scope name")."""
+    model = _named(**names)
+    before = [layer.name for layer in model._flatten_layers(recursive=True)]
+    result = kmt.convert(model, "mcu", X_NAMED, verbose=0)
+    assert result.tflite == plainly_named["mcu"].tflite  # Names are stripped.
+    assert result.name == names["model"]
+    assert result.parity["tflm_matches_litert"]
+    assert [layer.name for layer in model._flatten_layers(recursive=True)] == before
+    assert set(names.values()) <= {model.name, *before}
+
+
+def test_rejected_names_on_mobile_and_from_a_keras_file(tmp_path, plainly_named):
+    model = _named("my model", "sub model", "dense 1")
+    mobile = kmt.convert(model, "mobile-int8", X_NAMED, verbose=0)
+    expected = runtimes.litert_run(plainly_named["mobile-int8"].tflite, [X_NAMED])
+    for got, want in zip(runtimes.litert_run(mobile.tflite, [X_NAMED]), expected):
+        np.testing.assert_array_equal(got, want)
+    model.save(tmp_path / "my model.keras")
+    loaded = kmt.convert(str(tmp_path / "my model.keras"), "mcu", X_NAMED, verbose=0)
+    assert loaded.tflite == plainly_named["mcu"].tflite
+    assert loaded.name == "my model"

@@ -4,8 +4,11 @@ import builtins
 import json
 import subprocess
 
+import keras
+import numpy as np
 import pytest
 
+import keras_microtune as kmt
 from keras_microtune.export import codegen
 
 HARNESS = r"""
@@ -95,6 +98,31 @@ def test_hostile_model_name_cannot_inject(mcu_results, tmp_path, cpp_compile):
         text = (out / name).read_text()
         assert 'evil.h"' not in text and "*/" not in text
         assert all(not ln.startswith('#include "evil') for ln in text.splitlines())
+    run = _compile_and_run(out, tmp_path, cpp_compile)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.rstrip("\n") == evil
+
+
+def test_hostile_name_on_a_real_model_converts_and_cannot_inject(tmp_path, cpp_compile):
+    """Issue 18: the name reaches TensorFlow's name scopes (sanitized there) and
+    the generated sources (escaped there), from one convert call. Keras refuses
+    "/" in names (so no "*/"); quotes, newlines and "#include" it accepts."""
+    keras.utils.set_random_seed(0)
+    evil = 'x* #include "evil.h" \\\n#define Y "q\\é'
+    layer = 'q"\n#include <x>'
+    model = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(3, name=layer)], name=evil
+    )
+    x = np.random.default_rng(0).normal(size=(16, 6)).astype("float32")
+    out = tmp_path / "evil"
+    result = kmt.convert(model, "mcu", x, output_dir=out, verbose=0)
+    assert result.name == model.name == evil and model.layers[0].name == layer
+    for name in ("model_data.cc", "model_data.h", "op_resolver.h"):
+        text = (out / name).read_text()
+        assert 'evil.h"' not in text and "<x>" not in text
+        for line in text.splitlines():
+            assert not line.lstrip().startswith("#define Y"), (name, line)
+            assert "evil" not in line or not line.lstrip().startswith("#")
     run = _compile_and_run(out, tmp_path, cpp_compile)
     assert run.returncode == 0, run.stderr
     assert run.stdout.rstrip("\n") == evil
