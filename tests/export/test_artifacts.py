@@ -1,5 +1,8 @@
 """save(): test vector, application template, plots and mobile notes."""
 
+import os
+import re
+import shutil
 import subprocess
 
 import keras
@@ -91,3 +94,55 @@ def test_mobile_notes_carry_real_io(small_model, tmp_path):
     notes = (tmp_path / "m" / "mobile.md").read_text()
     assert "`float32` [1x8x8x1]" in notes
     assert not (tmp_path / "m" / "test_data.h").exists()
+
+
+def _fake_tflm(root, *builds):
+    """A TFLite Micro tree holding (empty) libraries for the named builds."""
+    for build in builds:
+        lib = root / "gen" / build / "lib" / "libtensorflow-microlite.a"
+        lib.parent.mkdir(parents=True)
+        lib.write_bytes(b"")
+    return root
+
+
+def _make_n(project, tflm, *args):
+    return subprocess.run(
+        ["make", "-n", "-C", str(project), f"TFLM_DIR={tflm}", *args, "app"],
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.mark.skipif(
+    shutil.which("make") is None or os.name != "posix", reason="needs GNU make"
+)
+def test_project_makefile_links_this_pcs_library_not_a_cortex_m_one(
+    small_model, tmp_path
+):
+    """Issue 18: `firstword` of gen/*/lib took gen/cortex_m_generic_... first."""
+    model, x = small_model
+    result = kmt.convert(model, "mcu", representative_data=x, verbose=0)
+    project = tmp_path / "p"
+    result.save(project, project=True)
+    system, machine = os.uname().sysname, os.uname().machine
+    machine = "x86_32" if re.fullmatch(r"i[3-8]86", machine) else machine
+    host = {"Darwin": "osx"}.get(system, system.lower()) + "_" + machine
+    cortex = "cortex_m_generic_cortex-m4+fp_default_gcc"
+    both = _fake_tflm(tmp_path / "both", cortex, f"{host}_default_gcc")
+    run = _make_n(project, both)
+    assert run.returncode == 0, run.stderr
+    assert f"gen/{host}_default_gcc/lib/libtensorflow-microlite.a" in run.stdout
+    assert "cortex_m" not in run.stdout
+    only_cortex = _fake_tflm(tmp_path / "cortex", cortex)
+    run = _make_n(project, only_cortex)
+    assert run.returncode != 0 and "g++" not in run.stdout
+    assert f"no TFLite Micro library built for this PC ({host})" in run.stderr
+    assert f"libraries found: {only_cortex}/gen/{cortex}/lib/" in run.stderr
+    assert "TFLM_LIB=" in run.stderr
+    run = _make_n(project, only_cortex, "TFLM_LIB=/opt/host/libtflm.a")
+    assert run.returncode == 0 and " /opt/host/libtflm.a -o app" in run.stdout
+    release = f"{host}_release_gcc"
+    several = _fake_tflm(tmp_path / "several", release, f"{host}_debug_gcc")
+    run = _make_n(project, several)
+    assert run.returncode != 0 and "several TFLite Micro libraries" in run.stderr
+    assert release in run.stderr and f"{host}_debug_gcc" in run.stderr
