@@ -23,18 +23,21 @@ from keras_microtune.export import _tflite, codegen, plots, runtimes
 TEMPLATE_FILES = ("main.cc", "Makefile", "README.md")
 
 
-def test_vector(tflite: bytes, arena_bytes: int, seed: int = 0):
-    """A seeded int8 input and TFLite Micro's output for it, as raw bytes."""
-    ins, _ = runtimes.io_details(tflite)
+def test_vector(tflite: bytes, arena_bytes: int, seed: int = 0, info=None):
+    """A seeded int8 input and TFLite Micro's output for it, as raw bytes.
+
+    `info` is `tflite` parsed (`_tflite.parse`), when the caller has it.
+    """
+    ins, _ = runtimes.io_details(tflite, info=info)
     rng = np.random.default_rng(seed)
     inputs = []
     for detail in ins:
-        info = np.iinfo(detail["dtype"])
+        limits = np.iinfo(detail["dtype"])
         shape = tuple(detail["shape"])
         inputs.append(
-            rng.integers(info.min, info.max + 1, shape, dtype=detail["dtype"])
+            rng.integers(limits.min, limits.max + 1, shape, dtype=detail["dtype"])
         )
-    outputs = runtimes.tflm_run(tflite, inputs, int(arena_bytes) + 1024)
+    outputs = runtimes.tflm_run(tflite, inputs, int(arena_bytes) + 1024, info=info)
     return inputs[0].tobytes(), outputs[0].tobytes()
 
 
@@ -69,11 +72,11 @@ def template_files() -> dict[str, bytes]:
     return {name: (root / name).read_bytes() for name in TEMPLATE_FILES}
 
 
-def flash_rows(tflite: bytes) -> list[tuple[str, dict]]:
+def flash_rows(tflite: bytes, info=None) -> list[tuple[str, dict]]:
     """Bytes per op: int8/uint8 weights, int32 biases, quantization parameters;
-    the remainder of the file is the graph."""
+    the remainder of the file is the graph. `info`: `tflite` parsed, if known."""
     schema = _tflite._schema()
-    info = _tflite.parse(tflite)
+    info = info or _tflite.parse(tflite)
     sub = schema.Model.GetRootAs(tflite, 0).Subgraphs(0)
     rows, counted = [], set()
     for k, (op, ins, _) in enumerate(info.op_sequence):
@@ -100,7 +103,7 @@ def plot_files(result, history=None, evaluations=None) -> dict[str, bytes]:
     """PNG plots by file name; empty when matplotlib is missing."""
     if not plots.available():
         return {}
-    info = _tflite.parse(result.tflite)
+    info = result._info()
     out = {}
     with tempfile.TemporaryDirectory(prefix="kmt_plots_") as tmp:
 
@@ -117,7 +120,7 @@ def plot_files(result, history=None, evaluations=None) -> dict[str, bytes]:
             [f"{i}:{op}" for i, (op, _, _) in enumerate(info.op_sequence)],
             result.arena_bytes,
         )
-        draw("flash.png", plots.flash_breakdown, flash_rows(result.tflite))
+        draw("flash.png", plots.flash_breakdown, flash_rows(result.tflite, info))
         if history:
             draw("training.png", plots.training_curves, history)
         matrices = {
@@ -176,7 +179,9 @@ def extra_files(result, history=None, evaluations=None, project=False) -> dict:
     """All extra files for `result`, by file name."""
     files = {}
     if result.report["target"]["runtime"] == "tflm":
-        data_in, data_out = test_vector(result.tflite, result.arena_bytes)
+        data_in, data_out = test_vector(
+            result.tflite, result.arena_bytes, info=result._info()
+        )
         files["test_data.h"] = test_data_h(data_in, data_out).encode()
         if project:
             files.update(template_files())

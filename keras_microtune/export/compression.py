@@ -164,8 +164,7 @@ def compress(tflite: bytes, chosen: list[dict]) -> bytes:
     return bytes(lib(bytes(tflite), specs))
 
 
-def _check_inputs(tflite, x_check, samples=8):
-    info = _tflite.parse(tflite)
+def _check_inputs(tflite, info, x_check, samples=8):
     rng = np.random.default_rng(0)
     out = []
     for k, t in enumerate(info.inputs):
@@ -178,7 +177,7 @@ def _check_inputs(tflite, x_check, samples=8):
         else:
             x = rng.normal(size=shape).astype(dtype)
         if x_check is not None:
-            details, _ = runtimes.io_details(tflite)
+            details, _ = runtimes.io_details(tflite, info=info)
             real = runtimes.quantize(np.asarray(x_check[k][:32]), details[k])
             x = np.concatenate([real, x]).astype(dtype)
         out.append(x)
@@ -186,8 +185,8 @@ def _check_inputs(tflite, x_check, samples=8):
 
 
 def apply(
-    tflite: bytes, compression, x_check=None, timing_repeats: int = 30
-) -> tuple[bytes, dict]:
+    tflite: bytes, compression, x_check=None, timing_repeats: int = 30, info=None
+) -> tuple[bytes, _tflite.ModelInfo, dict]:
     """Compress `tflite` as `compression` asks, verify it, and measure it.
 
     Args:
@@ -197,10 +196,12 @@ def apply(
         x_check: list of float arrays or None. Real inputs for the
             bit-exactness check, besides seeded random int8 inputs.
         timing_repeats: int. Invokes of each model for the median time.
+        info: `tflite` parsed (`_tflite.parse`), when the caller has it.
 
     Returns:
-        (model, report): the compressed model (or `tflite` when nothing fits
-        and `compression="auto"`) and the `report["compression"]` dict.
+        (model, model_info, report): the compressed model (or `tflite` when
+        nothing fits and `compression="auto"`), it parsed, and the
+        `report["compression"]` dict.
 
     Raises:
         ValueError: an explicit `lutN` and no weight tensor fits.
@@ -230,13 +231,13 @@ def apply(
                 f"kmt.optimize.cluster_weights(model, number_of_clusters="
                 f"{2**compression}), fine-tune, strip_clustering, then convert."
             )
-        return tflite, report
+        return tflite, info or _tflite.parse(tflite), report
     compressed = compress(tflite, chosen)
     if len(compressed) >= len(tflite):  # Tables and DECODE ops cost more.
         report["not_applied"] = (
             f"compressed model not smaller ({len(compressed):,} B vs {len(tflite):,} B)"
         )
-        return tflite, report
+        return tflite, info or _tflite.parse(tflite), report
     for entry in chosen:
         after = entry["estimated_bytes_after"] - _OVERHEAD_BYTES
         report["tensors"].append(
@@ -250,12 +251,15 @@ def apply(
                 "bytes_after": after,
             }
         )
-    lower = _tflite.activation_lower_bound(_tflite.parse(tflite))
-    plain_arena = runtimes.measure_arena(tflite, lower)["arena_bytes"]
-    arena = runtimes.measure_arena(compressed, lower)["arena_bytes"]
-    xs = _check_inputs(tflite, x_check)
-    a = runtimes.tflm_run(tflite, xs, plain_arena)
-    b = runtimes.tflm_run(compressed, xs, arena)
+    info = info or _tflite.parse(tflite)
+    compressed_info = _tflite.parse(compressed)
+    lower = _tflite.activation_lower_bound(info)
+    plain_arena = runtimes.measure_arena(tflite, lower, info=info)["arena_bytes"]
+    arena = runtimes.measure_arena(compressed, lower, info=compressed_info)
+    arena = arena["arena_bytes"]
+    xs = _check_inputs(tflite, info, x_check)
+    a = runtimes.tflm_run(tflite, xs, plain_arena, info=info)
+    b = runtimes.tflm_run(compressed, xs, arena, info=compressed_info)
     if not all(np.array_equal(u, v) for u, v in zip(a, b)):
         raise CompressionError(
             "TFLite Micro outputs of the compressed model differ from the "
@@ -276,7 +280,7 @@ def apply(
         invoke_time_ratio=round(compressed_s / plain_s, 3) if plain_s else None,
         loads_in=RUNTIME_NOTE,
     )
-    return compressed, report
+    return compressed, compressed_info, report
 
 
 def rows(report: dict) -> list[tuple[str, str]]:

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import os
 
-from keras_microtune.export import _tflite
+from keras_microtune.export import _tflite, pipeline, runtimes
 from keras_microtune.export import targets as targets_lib
 from keras_microtune.export._tflite import InvalidModelError
+from keras_microtune.export.passes import measurements
+from keras_microtune.export.result import ConversionResult
 
 MAX_MODEL_BYTES = 1 << 31  # Flatbuffers address at most 2 GiB.
 
 __all__ = ["InvalidModelError", "inspect"]
+
+# The measurement passes of `kmt.convert` that need no source model.
+PASSES = (measurements.arena, measurements.vela, measurements.budget)
 
 
 def _read(path_or_bytes) -> tuple[bytes, str]:
@@ -47,19 +52,21 @@ def inspect(path_or_bytes, target: str | targets_lib.Target | None = None):
             TFLite Micro interpreter runs in a child process, so a hostile file
             cannot crash the caller.
     """
-    from keras_microtune.export import converter, runtimes
-
     data, name = _read(path_or_bytes)
     info = _tflite.parse(data)
     if target is None:
         io = [info.tensors[t].dtype for t in info.inputs + info.outputs]
         target = "mcu" if io and all(d == "int8" for d in io) else "float32"
-    target = targets_lib.get(target)
+    c = pipeline.Conversion(data, targets_lib.get(target), name=name)
+    c.set_tflite(data, info)
     try:
-        result = converter._measure(data, info, target, name)
+        pipeline.run(c, PASSES)
     except ValueError as e:
         raise InvalidModelError(str(e)) from None
     except runtimes.RuntimeFailure as e:
         raise InvalidModelError(f"TFLite Micro cannot run the model: {e}") from None
-    result.report["conversion"] = {"quantization": target.quantization, "source": name}
+    c.report["conversion"] = {"quantization": c.target.quantization, "source": name}
+    c.report["passes"] = c.passes
+    result = ConversionResult(tflite=data, report=c.report, name=str(name))
+    result._parsed = (data, info)
     return result

@@ -304,9 +304,10 @@ def apply(tflite: bytes, info: _tflite.ModelInfo, lower_bound: int = 0):
         lower_bound: int. Activation lower bound, to seed the arena search.
 
     Returns:
-        (tflite, arena, memory): the model kept (with or without the plan), its
-        `runtimes.measure_arena` dict, and report entries: `offline_plan`
-        (bool) and, when a plan was tried, `arena_bytes_without_plan`,
+        (tflite, info, arena, memory): the model kept (with or without the
+        plan), it parsed, its `runtimes.measure_arena` dict, and report
+        entries: `offline_plan` (bool) and, when a plan was tried,
+        `arena_bytes_without_plan`,
         `offline_plan_bytes` (the planned head) and, if it was dropped,
         `offline_plan_rejected`. Without a plan the arena is the same as
         `arena_bytes`, so only `offline_plan: False` is reported.
@@ -314,12 +315,12 @@ def apply(tflite: bytes, info: _tflite.ModelInfo, lower_bound: int = 0):
     Raises:
         runtimes.RuntimeFailure: TFLite Micro cannot run the model at all.
     """
-    without = runtimes.measure_arena(tflite, lower_bound)
+    without = runtimes.measure_arena(tflite, lower_bound, info=info)
     plan = compute(info)
     head = without.get("head_bytes", plan.greedy_bytes if plan else 0)
     if plan is None or plan.arena_bytes >= head:
         # TFLite Micro's own planner does as well: the arena is `without`.
-        return tflite, without, {"offline_plan": False}
+        return tflite, info, without, {"offline_plan": False}
     memory = {
         "offline_plan": False,
         "arena_bytes_without_plan": without["arena_bytes"],
@@ -327,19 +328,20 @@ def apply(tflite: bytes, info: _tflite.ModelInfo, lower_bound: int = 0):
     }
     check(info, plan.offsets)
     planned = embed(tflite, plan.offsets)
+    planned_info = _tflite.parse(planned)
     try:
-        with_plan = runtimes.measure_arena(planned, lower_bound)
+        with_plan = runtimes.measure_arena(planned, lower_bound, info=planned_info)
     except runtimes.RuntimeFailure as e:
         memory["offline_plan_rejected"] = f"TFLite Micro: {e}"[:300]
-        return tflite, without, memory
+        return tflite, info, without, memory
     if with_plan["arena_bytes"] >= without["arena_bytes"]:
         memory["offline_plan_rejected"] = "no smaller measured arena"
-        return tflite, without, memory
+        return tflite, info, without, memory
     xs = _random_inputs(info)
-    a = runtimes.tflm_run(tflite, xs, without["arena_bytes"])
-    b = runtimes.tflm_run(planned, xs, with_plan["arena_bytes"])
+    a = runtimes.tflm_run(tflite, xs, without["arena_bytes"], info=info)
+    b = runtimes.tflm_run(planned, xs, with_plan["arena_bytes"], info=planned_info)
     if not all(np.array_equal(u, v) for u, v in zip(a, b)):
         memory["offline_plan_rejected"] = "outputs differ"
-        return tflite, without, memory
+        return tflite, info, without, memory
     memory["offline_plan"] = True
-    return planned, with_plan, memory
+    return planned, planned_info, with_plan, memory

@@ -31,19 +31,22 @@ def metrics(reference: np.ndarray, actual: np.ndarray) -> dict:
     return out
 
 
-def run_litert(tflite, xs, reference=False):
+def run_litert(tflite, xs, reference=False, info=None):
     """Float inputs -> float outputs through LiteRT (quantizing as the model needs)."""
-    ins, outs = runtimes.io_details(tflite)
+    ins, outs = runtimes.io_details(tflite, info=info)
     q = [runtimes.quantize(x, d) for x, d in zip(xs, ins)]
     raw = runtimes.litert_run(tflite, q, reference=reference)
     return raw, [runtimes.dequantize(r, d) for r, d in zip(raw, outs)], q
 
 
-def measure(source, tflite, target, xs, y=None, arena_bytes=None) -> dict:
-    """Compare the source model, LiteRT and (int8 targets) TFLite Micro on `xs`."""
+def measure(source, tflite, target, xs, y=None, arena_bytes=None, info=None) -> dict:
+    """Compare the source model, LiteRT and (int8 targets) TFLite Micro on `xs`.
+
+    `info` is `tflite` parsed (`_tflite.parse`), when the caller has it.
+    """
     xs = [x[:MAX_SAMPLES] for x in xs]
     expected = _model.predict(source, xs)[0]
-    _, got, _ = run_litert(tflite, xs)
+    _, got, _ = run_litert(tflite, xs, info=info)
     out = {"samples": len(xs[0]), **metrics(expected, got[0])}
     if y is not None and expected.ndim == 2 and expected.shape[1] > 1:
         labels = np.asarray(y[: len(expected)]).reshape(-1)
@@ -53,13 +56,13 @@ def measure(source, tflite, target, xs, y=None, arena_bytes=None) -> dict:
     if target.quantization != "int8":
         return out
     small = [x[:MAX_TFLM_SAMPLES] for x in xs]
-    ref_raw, _, q = run_litert(tflite, small, reference=True)
+    ref_raw, _, q = run_litert(tflite, small, reference=True, info=info)
+    info = info or _tflite.parse(tflite)
     if arena_bytes is None:
-        info = _tflite.parse(tflite)
         arena_bytes = 4 * _tflite.activation_lower_bound(info) + (1 << 20)
     else:
         arena_bytes = int(arena_bytes) + 1024
-    tflm_raw = runtimes.tflm_run(tflite, q, arena_bytes)
+    tflm_raw = runtimes.tflm_run(tflite, q, arena_bytes, info=info)
     diffs = [
         np.abs(a.astype("float64") - b.astype("float64")).max()
         for a, b in zip(tflm_raw, ref_raw)

@@ -172,17 +172,17 @@ def plan(model, target) -> Plan | None:
     return Plan(affine, keras.Model(inp, rest(scaled), name=model.name), False)
 
 
-def describe_input(tflite: bytes, plan: Plan | None = None) -> dict:
+def describe_input(tflite: bytes, plan: Plan | None = None, info=None) -> dict:
     """What the device must feed to input 0, in raw units, as plain data.
 
     Keys: `dtype`, `shape`, `scale`, `zero_point` (raw = scale * (q -
     zero_point)), `raw_min`/`raw_max` (raw values representable without
     clipping), `preprocessing` (layers, folded or as ops) and `feed` (one
-    sentence).
+    sentence). `info`: `tflite` parsed (`_tflite.parse`), when known.
     """
     from keras_microtune.export import runtimes
 
-    detail = runtimes.io_details(tflite)[0][0]
+    detail = runtimes.io_details(tflite, info=info)[0][0]
     dtype = np.dtype(detail["dtype"]).name
     shape = [int(d) for d in detail["shape"]]
     scale, zero = (float(v) for v in detail["quantization"])

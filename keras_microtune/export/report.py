@@ -159,7 +159,25 @@ def markdown(report: dict) -> str:
             "measured arena plus 20% and 1024 bytes for optimized kernels' scratch "
             "buffers (CMSIS-NN, ESP-NN) and 32-bit layout differences.",
         ]
+    lines += _passes_table(report.get("passes"))
     return "\n".join(lines) + "\n"
+
+
+def _passes_table(passes) -> list[str]:
+    """report.md's "Passes" section: each pass, its time and what it changed."""
+    if not passes:
+        return []
+    lines = ["", "## Passes", "", "| pass | seconds | what it did |", "|---|---|---|"]
+    for record in passes:
+        did = {k: v for k, v in record.items() if k not in ("name", "seconds")}
+        if "bytes_after" in did:
+            before = did.pop("bytes_before", None)
+            after = did.pop("bytes_after")
+            size = f"{after:,} B" if before is None else f"{before:,} B -> {after:,} B"
+            did = {"flatbuffer": size, **did}
+        text = ", ".join(f"{k}: {v}" for k, v in did.items()) or "-"
+        lines.append(f"| {record['name']} | {record['seconds']:.3f} | {_md(text)} |")
+    return lines
 
 
 def _md(value: str) -> str:

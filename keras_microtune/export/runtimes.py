@@ -23,27 +23,28 @@ class RuntimeFailure(RuntimeError):
     """A runtime could not load or run the model."""
 
 
-def io_details(tflite: bytes) -> tuple[list[dict], list[dict]]:
+def io_details(tflite: bytes, info=None) -> tuple[list[dict], list[dict]]:
     """LiteRT's input and output details (dtype, shape, quantization).
 
     Models LiteRT cannot load because TFLite Micro's weight compression
-    (`TFLM_DECODE`) is in them are described from the flatbuffer.
+    (`TFLM_DECODE`) is in them are described from the flatbuffer (`info`:
+    its `_tflite.parse` result, when the caller has it).
     """
     from ai_edge_litert.interpreter import Interpreter
 
     try:
         interp = Interpreter(model_content=bytes(tflite))
     except ValueError:
-        if "CUSTOM:TFLM_DECODE" not in _tflite.parse(tflite).ops:
+        info = info or _tflite.parse(tflite)
+        if "CUSTOM:TFLM_DECODE" not in info.ops:
             raise
-        return _flatbuffer_io_details(tflite)
+        return _flatbuffer_io_details(tflite, info)
     return interp.get_input_details(), interp.get_output_details()
 
 
-def _flatbuffer_io_details(tflite: bytes) -> tuple[list[dict], list[dict]]:
+def _flatbuffer_io_details(tflite: bytes, info) -> tuple[list[dict], list[dict]]:
     schema = _tflite._schema()
     sub = schema.Model.GetRootAs(bytes(tflite), 0).Subgraphs(0)
-    info = _tflite.parse(tflite)
 
     def detail(index):
         tensor, spec = sub.Tensors(index), info.tensors[index]
@@ -150,9 +151,14 @@ def _zeros(info: _tflite.ModelInfo) -> dict:
     }
 
 
-def tflm_run(tflite: bytes, inputs: list[np.ndarray], arena_bytes: int, timeout=600):
-    """Run each sample in the TFLite Micro interpreter (in a child process)."""
-    info = _tflite.parse(tflite)
+def tflm_run(
+    tflite: bytes, inputs: list[np.ndarray], arena_bytes: int, timeout=600, info=None
+):
+    """Run each sample in the TFLite Micro interpreter (in a child process).
+
+    `info`: `tflite` parsed (`_tflite.parse`), when the caller has it.
+    """
+    info = info or _tflite.parse(tflite)
     with tempfile.TemporaryDirectory(prefix="kmt_tflm_") as tmp:
         model_path, in_path = os.path.join(tmp, "m.tflite"), os.path.join(tmp, "i.npz")
         out_path = os.path.join(tmp, "o.npz")
@@ -201,9 +207,11 @@ def tflm_invoke_times(
         )
 
 
-def measure_arena(tflite: bytes, lower_bound: int = 0, timeout=600) -> dict:
+def measure_arena(tflite: bytes, lower_bound: int = 0, timeout=600, info=None) -> dict:
     """Smallest tensor arena (16-byte steps) with which TFLite Micro allocates
     and invokes the model, found by bisection in a child process.
+
+    `info` is `tflite` parsed (`_tflite.parse`), when the caller has it.
 
     Returns:
         dict with `arena_bytes`, and `head_bytes`/`tail_bytes` from TFLite Micro's
@@ -213,7 +221,7 @@ def measure_arena(tflite: bytes, lower_bound: int = 0, timeout=600) -> dict:
         RuntimeFailure: TFLite Micro cannot run the model at any arena size
             (e.g. an op it does not implement); the message gives its reason.
     """
-    info = _tflite.parse(tflite)
+    info = info or _tflite.parse(tflite)
     needed = max(lower_bound, _tflite.activation_lower_bound(info))
     if needed > _MAX_ARENA:  # Refused before anything is allocated.
         raise RuntimeFailure(

@@ -1,0 +1,122 @@
+"""Flatbuffer passes: checks and rewrites of the converted `.tflite`.
+
+Each pass takes the `pipeline.Conversion` and returns what it did (None: not
+applicable). A pass that rewrites the model sets `c.tflite` (or calls
+`c.set_tflite(data, info)` when it already parsed the new bytes); the runner
+records `bytes_before` / `bytes_after`. In order: `check_mcu_ops`, `strip`,
+`compress`, `memory_plan`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from keras_microtune.export import _tflite, runtimes
+from keras_microtune.export import compression as compression_lib
+from keras_microtune.export import memory_plan as memory_plan_lib
+
+# Ops that must never reach a microcontroller model.
+MCU_FORBIDDEN = {
+    "VAR_HANDLE",
+    "READ_VARIABLE",
+    "ASSIGN_VARIABLE",
+    "WHILE",
+    "CALL_ONCE",
+}
+
+
+def check_mcu_ops(c):
+    """TFLite Micro targets: builtin int8 ops and int8 (or `input_type`) I/O."""
+    if not c.target.is_mcu:
+        return None
+    check_ops(c.info, c.target, c.options["input_type"], c.converted_model)
+    return {"ops_checked": len(c.info.ops)}
+
+
+def strip(c):
+    """TFLite Micro targets: drop names, signatures and metadata (`_tflite.strip`)."""
+    if not c.target.is_mcu:
+        return None
+    before = c.tflite
+    c.tflite = _tflite.strip(before)
+    c.report["stripped_bytes_saved"] = len(before) - len(c.tflite)
+    return {}
+
+
+def compress(c):
+    """`compression=...`: LUT weight compression, verified bit-exact in TFLite
+    Micro (before the memory plan: compression adds tensors)."""
+    bits = c.options["compression"]
+    if bits is None:
+        return None
+    x_check = c.val if c.val is not None else c.rep
+    c.uncompressed = (c.tflite, c.info)  # LiteRT parity runs on this one.
+    tflite, info, report = compression_lib.apply(
+        c.tflite, bits, c.transform(x_check), info=c.info
+    )
+    c.set_tflite(tflite, info)
+    c.report["compression"] = report
+    return {"requested": report["requested"], "tensors": len(report["tensors"])}
+
+
+def memory_plan(c):
+    """TFLite Micro targets without an NPU (Vela plans those): embed an offline
+    memory plan when it lowers the measured arena (`memory_plan.apply`)."""
+    if not c.target.is_mcu or c.target.accelerator:
+        return None
+    lower = _tflite.activation_lower_bound(c.info)
+    with cannot_run(c.info):
+        tflite, info, c.arena, c.memory = memory_plan_lib.apply(c.tflite, c.info, lower)
+    c.set_tflite(tflite, info)
+    did = {"offline_plan": c.memory["offline_plan"]}
+    if "offline_plan_rejected" in c.memory:
+        did["rejected"] = c.memory["offline_plan_rejected"]
+    return did
+
+
+@contextlib.contextmanager
+def cannot_run(info):
+    """Turn `runtimes.RuntimeFailure` into the ValueError `convert` raises."""
+    try:
+        yield
+    except runtimes.RuntimeFailure as e:
+        raise ValueError(
+            f"TFLite Micro cannot run this model (ops: {info.ops}): {e}"
+        ) from None
+
+
+def check_ops(info, target, input_type=None, model=None):
+    """Raise when `info` holds ops or I/O dtypes TFLite Micro int8 cannot run."""
+    bad = sorted(
+        op for op in info.ops if op in MCU_FORBIDDEN or op.startswith("CUSTOM")
+    )
+    float_io = [
+        info.tensors[t].dtype
+        for t in info.inputs + info.outputs
+        if info.tensors[t].dtype not in {"int8", input_type}
+    ]
+    if bad or float_io:
+        layers = _layers_of_tensors(model, info, set(bad)) if bad else []
+        raise ValueError(
+            f"The converted model cannot run on {target.name!r} (TFLite Micro, int8): "
+            f"ops {bad} (layers {layers or 'unknown'}), non-int8 inputs/outputs "
+            f"{float_io}. Replace these layers with ones that lower to TFLite "
+            "Micro builtin ops (see `keras-microtune targets` and the README)."
+        )
+
+
+def _layers_of_tensors(model, info, ops: set) -> list[str]:
+    """Model layer names found in the (unstripped) tensor names of `ops`."""
+    names = {
+        getattr(layer, "name", "")
+        for layer in getattr(model, "layers", [])
+        if getattr(layer, "name", "")
+    }
+    found = set()
+    for op, ins, outs in info.op_sequence:
+        if op not in ops:
+            continue
+        for t in ins + outs:
+            parts = set(info.tensors[t].name.replace(";", "/").split("/"))
+            found |= names & parts
+    return sorted(found)

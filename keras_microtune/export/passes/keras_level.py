@@ -1,0 +1,127 @@
+"""Keras-level passes: the model as Keras sees it, before TFLite conversion.
+
+Each pass takes the `pipeline.Conversion` and returns what it did (None: not
+applicable). In order: `load`, `strip_pruning`, `plan_preprocessing`,
+`trace`, `detect_qat`, `data_to_arrays`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from keras_microtune import data as kmt_data
+from keras_microtune.export import _model, preprocessing
+
+MAX_CALIBRATION = 1000  # Calibration samples the TFLite converter sees, at most.
+_LOOP_OPS = {"While", "StatelessWhile"}
+
+
+def load(c):
+    """The model object (loaded from a path when given one) and its name."""
+    c.source, c.name = _model.load(c.model, safe_mode=c.options["safe_mode"])
+    return {"model": str(c.name), "type": type(c.source).__name__}
+
+
+def strip_pruning(c):
+    """A model still wrapped by `prune_low_magnitude` converts as it deploys,
+    without the wrappers (their per-call mask assignment cannot be frozen into
+    a flatbuffer); the zeros stay."""
+    if not hasattr(c.source, "layers"):  # A SavedModel signature.
+        return None
+    from keras_microtune.optimize import prune
+
+    stripped = prune.strip_pruning_for_quantization(c.source)
+    c.pruning_stripped = stripped is not c.source
+    c.source = stripped
+    return {"pruning_wrappers_stripped": c.pruning_stripped}
+
+
+def plan_preprocessing(c):
+    """Input specs, and how a leading Rescaling/Normalization is converted
+    (`preprocessing.plan`: folded into the input quantization, or one op)."""
+    c.specs = _model.input_specs(c.source)
+    c.prep = preprocessing.plan(c.source, c.target)
+    if c.prep is None:
+        return {"preprocessing": None}
+    return {"preprocessing": list(c.prep.affine.layers), "folded": c.prep.folded}
+
+
+def trace(c):
+    """Trace the model to convert at batch 1; refuse loops the target cannot run."""
+    c.concrete = _model.trace(c.converted_model, c.specs)
+    check_loops(c.converted_model, c.concrete, c.target)
+    return {"inputs": [list(shape) for shape in c.shapes]}
+
+
+def detect_qat(c):
+    """Fake-quant ops in the graph mean quantization-aware training."""
+    c.qat = _model.is_quantization_aware(c.concrete)
+    return {"quantization_aware_training": c.qat}
+
+
+def data_to_arrays(c):
+    """Calibration and validation data as arrays; int8 needs calibration
+    unless the model was trained with quantization-aware training."""
+    rep, val = c.options["representative_data"], c.options["validation_data"]
+    if rep is not None:
+        c.rep, _ = kmt_data.as_arrays(rep, c.shapes, "representative_data")
+    if val is not None:
+        c.val, c.y_val = kmt_data.as_arrays(val, c.shapes, "validation_data")
+    if c.target.quantization == "int8" and c.rep is None and not c.qat:
+        raise ValueError(
+            f"Target {c.target.name!r} quantizes to int8 and needs "
+            "`representative_data` (a few hundred typical inputs) to calibrate, "
+            "unless the model was trained with quantization-aware training "
+            "(kmt.optimize.quantize_model)."
+        )
+    return {
+        "calibration_samples": calibration_samples(c),
+        "validation_samples": 0 if c.val is None else len(c.val[0]),
+    }
+
+
+def calibration_samples(c) -> int:
+    """Samples the TFLite converter calibrates on."""
+    return 0 if c.rep is None else min(len(c.rep[0]), MAX_CALIBRATION)
+
+
+def check_loops(model, concrete, target):
+    """Refuse graph loops (e.g. a recurrent layer) for int8 and TFLite Micro
+    targets before converting: TFLite Micro cannot run WHILE, and TFLite's int8
+    converter has been seen to crash the process on them."""
+    if target.quantization != "int8" and not target.is_mcu:
+        return
+    loops = _LOOP_OPS & _model.graph_op_types(concrete)
+    if not loops:
+        return
+    layers = layers_with_ops(model, loops)
+    raise ValueError(
+        f"Layers {layers or ['unknown']} hold a TensorFlow loop (ops "
+        f"{sorted(loops)}, TFLite WHILE), which target {target.name!r} cannot "
+        "run: TFLite Micro has no WHILE kernel and int8 conversion does not "
+        "support it. Unroll recurrent layers (e.g. keras.layers.LSTM(..., "
+        "unroll=True)) or use Conv1D layers; float targets ('float32') keep "
+        "the loop."
+    )
+
+
+def layers_with_ops(model, tf_ops: set) -> list[str]:
+    """Names of the model's layers whose traced graph holds one of `tf_ops`."""
+    import tensorflow as tf
+
+    found = []
+    for layer in getattr(model, "layers", []) if tf_ops else []:
+        try:
+            inputs = layer.input if isinstance(layer.input, list) else [layer.input]
+            specs = [tf.TensorSpec((1, *t.shape[1:]), t.dtype) for t in inputs]
+            fn = tf.function(functools.partial(_call_layer, layer))
+            graph_ops = _model.graph_op_types(fn.get_concrete_function(*specs))
+        except Exception:  # Attribution is best effort; the error is raised anyway.
+            continue
+        if graph_ops & tf_ops:
+            found.append(layer.name)
+    return found
+
+
+def _call_layer(layer, *args):
+    return layer(args[0] if len(args) == 1 else list(args))
