@@ -136,7 +136,7 @@ def convert(
     }
     c = pipeline.run(pipeline.Conversion(model, target, options), PASSES)
     c.report["passes"] = c.passes
-    result = ConversionResult(tflite=c.tflite, report=c.report, name=str(c.name))
+    result = ConversionResult(c.tflite, c.report, str(c.name), timings=c.timings)
     result._parsed = (c.tflite, c.info)
     if output_dir is not None:
         result.save(output_dir, overwrite=overwrite)

@@ -67,6 +67,6 @@ def inspect(path_or_bytes, target: str | targets_lib.Target | None = None):
         raise InvalidModelError(f"TFLite Micro cannot run the model: {e}") from None
     c.report["conversion"] = {"quantization": c.target.quantization, "source": name}
     c.report["passes"] = c.passes
-    result = ConversionResult(tflite=data, report=c.report, name=str(name))
+    result = ConversionResult(data, c.report, str(name), timings=c.timings)
     result._parsed = (data, info)
     return result

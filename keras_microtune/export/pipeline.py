@@ -3,10 +3,12 @@
 A pass is a function `pass_(c: Conversion) -> dict | None`. It reads and
 updates the state `c` and returns a short dict of what it did, or None when it
 does not apply to this conversion (it is then left out of the report). `run`
-times each pass and records `{"name", "seconds", ...what it did}` in
-`c.passes`, adding `bytes_before` / `bytes_after` when the pass replaced the
-flatbuffer. `kmt.convert`'s pass list is `converter.PASSES`; the passes live
-in `keras_microtune.export.passes`, one module per stage of the data flow.
+records `{"name", ...what it did}` in `c.passes`, adding `bytes_before` /
+`bytes_after` when the pass replaced the flatbuffer, and each pass's wall
+seconds in `c.timings`: kept out of the report, which stays reproducible
+(the same model, data and seed give the same report and files).
+`kmt.convert`'s pass list is `converter.PASSES`; the passes live in
+`keras_microtune.export.passes`, one module per stage of the data flow.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ class Conversion:
             cannot load (None when not compressed).
         arena, memory, vela: TFLite Micro arena, memory-plan report entries,
             Vela figures (None / {} until measured).
-        report: report entries written by the passes; `passes`: their records.
+        report: report entries written by the passes; `passes`: their records;
+            `timings`: pass name -> wall seconds.
     """
 
     model: object
@@ -55,6 +58,7 @@ class Conversion:
     vela: dict | None = None
     report: dict = dataclasses.field(default_factory=dict)
     passes: list = dataclasses.field(default_factory=list)
+    timings: dict = dataclasses.field(default_factory=dict)
     _tflite: bytes | None = dataclasses.field(default=None, repr=False)
     _info: _tflite.ModelInfo | None = dataclasses.field(default=None, repr=False)
 
@@ -105,17 +109,19 @@ class Conversion:
 
 
 def run(c: Conversion, passes) -> Conversion:
-    """Run `passes` in order over `c`, recording each in `c.passes`."""
+    """Run `passes` in order over `c`, recording each in `c.passes` and
+    its wall time in `c.timings`."""
     for pass_ in passes:
         before, start = c.tflite, time.perf_counter()
         did = pass_(c)
         seconds = time.perf_counter() - start
         if did is None:
             continue
-        record = {"name": pass_.__name__, "seconds": round(seconds, 4), **did}
+        record = {"name": pass_.__name__, **did}
         if c.tflite is not before:
             if before is not None:
                 record["bytes_before"] = len(before)
             record["bytes_after"] = len(c.tflite)
         c.passes.append(record)
+        c.timings[pass_.__name__] = seconds
     return c

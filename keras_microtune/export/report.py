@@ -164,19 +164,19 @@ def markdown(report: dict) -> str:
 
 
 def _passes_table(passes) -> list[str]:
-    """report.md's "Passes" section: each pass, its time and what it changed."""
+    """report.md's "Passes" section: each pass and what it changed."""
     if not passes:
         return []
-    lines = ["", "## Passes", "", "| pass | seconds | what it did |", "|---|---|---|"]
+    lines = ["", "## Passes", "", "| pass | what it did |", "|---|---|"]
     for record in passes:
-        did = {k: v for k, v in record.items() if k not in ("name", "seconds")}
+        did = {k: v for k, v in record.items() if k != "name"}
         if "bytes_after" in did:
             before = did.pop("bytes_before", None)
             after = did.pop("bytes_after")
             size = f"{after:,} B" if before is None else f"{before:,} B -> {after:,} B"
             did = {"flatbuffer": size, **did}
         text = ", ".join(f"{k}: {v}" for k, v in did.items()) or "-"
-        lines.append(f"| {record['name']} | {record['seconds']:.3f} | {_md(text)} |")
+        lines.append(f"| {record['name']} | {_md(text)} |")
     return lines
 
 

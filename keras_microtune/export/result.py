@@ -26,13 +26,17 @@ class ConversionResult:
 
     Attributes:
         tflite: bytes. The model as deployed.
-        report: dict. Everything measured (see `report.json`).
+        report: dict. Everything measured (see `report.json`); reproducible:
+            `report["passes"]` says what each pass did, not how long it took.
+        timings: dict. Wall seconds of each pass in `report["passes"]`, by
+            name, in order.
     """
 
     tflite: bytes
     report: dict
     name: str = "model"
     output_dir: str | None = None  # Real path of the last `save`.
+    timings: dict = dataclasses.field(default_factory=dict, compare=False)
     # `(tflite, its _tflite.ModelInfo)`: parsed once, again only if `tflite` changes.
     _parsed: tuple = dataclasses.field(
         default=(None, None), init=False, repr=False, compare=False
