@@ -255,8 +255,8 @@ def apply(
     compressed_info = _tflite.parse(compressed)
     lower = _tflite.activation_lower_bound(info)
     plain_arena = runtimes.measure_arena(tflite, lower, info=info)["arena_bytes"]
-    arena = runtimes.measure_arena(compressed, lower, info=compressed_info)
-    arena = arena["arena_bytes"]
+    measured = runtimes.measure_arena(compressed, lower, info=compressed_info)
+    arena = measured["arena_bytes"]
     xs = _check_inputs(tflite, info, x_check)
     a = runtimes.tflm_run(tflite, xs, plain_arena, info=info)
     b = runtimes.tflm_run(compressed, xs, arena, info=compressed_info)

@@ -1,10 +1,10 @@
 """`kmt.convert`: Keras model -> verified TFLite for a named target.
 
 The conversion is the pass list `PASSES`, run in order over one
-`pipeline.Conversion` state; `report["passes"]` records each pass's name,
-wall time and what it changed. A new pass is one function in the module of
-its stage (`passes.keras_level`, `passes.flatbuffer`, `passes.measurements`)
-plus one entry in `PASSES`.
+`pipeline.Conversion` state; `report["passes"]` records each pass's name and
+what it changed, `result.timings` its wall seconds. A new pass is one
+function in the module of its stage (`passes.keras_level`,
+`passes.flatbuffer`, `passes.measurements`) plus one entry in `PASSES`.
 """
 
 from __future__ import annotations
@@ -116,7 +116,10 @@ def convert(
         verbose: int. 1 shows a calibration progress bar; 0 is silent.
 
     Returns:
-        A `ConversionResult`.
+        A `ConversionResult`. `report["passes"]` lists the passes of
+        `PASSES` that applied, in order, with what each changed
+        (`bytes_before`/`bytes_after` where it rewrote the flatbuffer);
+        `result.timings` gives their wall seconds.
 
     Example:
         >>> result = kmt.convert(model, "cortex-m4", representative_data=x_calib)

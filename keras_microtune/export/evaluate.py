@@ -43,9 +43,10 @@ def _load_model(model_or_tflite):
 
 
 def _predict_tflite(tflite, xs, runtime, verbose, input_quantizer=None):
-    from keras_microtune.export import runtimes
+    from keras_microtune.export import _tflite, runtimes
 
-    ins, outs = runtimes.io_details(tflite)
+    info = _tflite.parse(tflite) if runtime == "tflm" else None  # Once, not per chunk.
+    ins, outs = runtimes.io_details(tflite, info=info)
     raw_first = xs[0]
     xs = [runtimes.quantize(x, d) for x, d in zip(xs, ins)]
     if input_quantizer is not None:
@@ -58,7 +59,7 @@ def _predict_tflite(tflite, xs, runtime, verbose, input_quantizer=None):
     for start in range(0, n, CHUNK):
         part = [x[start : start + CHUNK] for x in xs]
         if runtime == "tflm":
-            raw = runtimes.tflm_run(tflite, part, EVAL_ARENA_BYTES)
+            raw = runtimes.tflm_run(tflite, part, EVAL_ARENA_BYTES, info=info)
         else:
             raw = runtimes.litert_run(tflite, part)
         chunks.append(runtimes.dequantize(raw[0], outs[0]))
