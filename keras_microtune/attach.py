@@ -4,6 +4,7 @@ import math
 
 import keras
 
+from keras_microtune.adapters import apply_placement, resolve_placement
 from keras_microtune.layers import EmbeddingStage, FeatureStage, MicroTune, OutputStage
 
 # Layers that make up a classifier head when they close a model.
@@ -154,6 +155,10 @@ def attach(
     rank=None,
     freeze=True,
     head=None,
+    lora=None,
+    lora_rank=4,
+    train_bias=False,
+    train_norm=False,
 ):
     """Plug MicroTune adapters and a task head into a trained model.
 
@@ -187,6 +192,32 @@ def attach(
         freeze: bool. Freeze the backbone. Defaults to `True`.
         head: keras.layers.Layer or None. A custom head applied to the
             features instead of the default one. Defaults to `None`.
+        lora: None, "auto", a layer name, a list of names, or a dict
+            `{name: rank}`. Inner adapters: Keras LoRA
+            (`layer.enable_lora`) on these layers' Dense/Conv kernels, a
+            zero-initialised low-rank update of the frozen kernel that
+            `kmt.optimize.merge_adapters` folds back into it (+0 bytes
+            deployed). A stage name means all its kernels (FeatureStage:
+            the stem and 1x1 convolutions; depthwise ones have no LoRA),
+            `"stage/sublayer"` one of them (e.g. `"block3/block0_pw"`).
+            `"auto"`: the last two layers before the head that have such
+            kernels. Defaults to `None`.
+        lora_rank: int. Rank for `lora` names given without one. Defaults
+            to `4`.
+        train_bias: bool, a name or a list of names. Train the biases of
+            these layers (True: every backbone layer): Dense/Conv biases and
+            BatchNorm/LayerNorm offsets (`beta`, the bias BatchNorm folds
+            into). Defaults to `False`.
+        train_norm: bool, a name or a list of names. Train the
+            BatchNorm/LayerNorm scale and offset (`gamma`, `beta`) of these
+            layers. BatchNorm stays in inference mode: its moving statistics
+            stay frozen and batch statistics are never used. Defaults to
+            `False`.
+
+    Only the chosen LoRA factors, biases and norm parameters of the backbone
+    train (`model.trainable_weights` lists exactly them, the adapters and
+    the head); the placement is applied by
+    `keras_microtune.adapters.apply_placement`.
 
     Returns:
         A new Functional keras.Model.
@@ -233,6 +264,18 @@ def attach(
     base = _as_functional(model)
     old_head = _head_layers(base)
     names, ranks = _resolve_adapters(adapters, base, old_head)
+    placement = resolve_placement(
+        base,
+        [
+            x.name
+            for x in base.layers
+            if x not in old_head and not isinstance(x, keras.layers.InputLayer)
+        ],
+        lora=lora,
+        lora_rank=lora_rank,
+        train_bias=train_bias,
+        train_norm=train_norm,
+    )
     auto = adapters == "auto"
     outputs_by_name = {}
 
@@ -258,6 +301,7 @@ def attach(
             layer.trainable = not replace_head
         elif not isinstance(layer, MicroTune):
             layer.trainable = not freeze
+    apply_placement(adapted, placement)
 
     # A single input or output stays a single tensor, so calling the model on
     # an array matches its structure.

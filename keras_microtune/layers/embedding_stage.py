@@ -19,6 +19,17 @@ def l2_normalize(x):
     return x * ops.rsqrt(ops.maximum(square_sum, 1e-12))
 
 
+def _optional_rank(rank):
+    if rank is not None and (
+        isinstance(rank, bool) or not isinstance(rank, int) or rank < 1
+    ):
+        raise ValueError(
+            "Received an invalid value for `lora_rank`, expected None or a "
+            f"positive integer. Received: lora_rank={rank!r}"
+        )
+    return rank
+
+
 @serializable
 class EmbeddingStage(keras.layers.Layer):
     """Turn a feature map into a fixed-length embedding vector.
@@ -38,6 +49,9 @@ class EmbeddingStage(keras.layers.Layer):
             `None`.
         normalize: str or None. `"l2"` to L2-normalise the embedding.
             Defaults to `None`.
+        lora_rank: int or None. Keras LoRA on the projection's kernel
+            (`Dense(lora_rank=...)`): the kernel stays frozen and a
+            zero-initialised low-rank update trains. Defaults to `None`.
 
     Input shape:
         `(batch, steps, channels)`, `(batch, height, width, channels)`, or
@@ -57,7 +71,13 @@ class EmbeddingStage(keras.layers.Layer):
     """
 
     def __init__(
-        self, pooling="avg", units=None, activation=None, normalize=None, **kwargs
+        self,
+        pooling="avg",
+        units=None,
+        activation=None,
+        normalize=None,
+        lora_rank=None,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         if pooling not in POOLINGS:
@@ -81,6 +101,7 @@ class EmbeddingStage(keras.layers.Layer):
         self.units = units
         self.activation = keras.activations.get(activation)
         self.normalize = normalize
+        self.lora_rank = _optional_rank(lora_rank)
 
     def build(self, input_shape):
         rank = len(input_shape)
@@ -110,8 +131,14 @@ class EmbeddingStage(keras.layers.Layer):
                 activation=self.activation,
                 name="projection",
                 dtype=self.dtype_policy,
+                lora_rank=self.lora_rank,
             )
             self.projection.build((input_shape[0], width))
+        # Sublayers made here start trainable; a frozen stage (e.g. one
+        # reloaded from `.keras`) must not train them through the model.
+        # (Inside build, `self.trainable = ...` does not reach the setter.)
+        if not self.trainable:
+            keras.layers.Layer.trainable.fset(self, False)
 
     def _pooled_width(self, input_shape):
         if self.pooling == "flatten":
@@ -152,4 +179,5 @@ class EmbeddingStage(keras.layers.Layer):
             "units": self.units,
             "activation": keras.activations.serialize(self.activation),
             "normalize": self.normalize,
+            "lora_rank": self.lora_rank,
         }

@@ -29,6 +29,31 @@ def _per_block(name, value, blocks):
     return [_positive_int(name, v) for v in values]
 
 
+def _lora_ranks(value, blocks, stem):
+    """Normalise `lora_rank` to None, an int, or {conv name: rank}."""
+    names = (["stem_conv"] if stem else []) + [f"block{i}_pw" for i in range(blocks)]
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return None if value is None else _positive_int("lora_rank", value)
+    if isinstance(value, (list, tuple)):
+        if len(value) != blocks:
+            raise ValueError(
+                "Received an invalid value for `lora_rank`, expected None, an int, "
+                f"a list of {blocks} ints or None (one per block), or a dict "
+                f"{{conv name: rank}} with names in {names}. "
+                f"Received: lora_rank={value!r}"
+            )
+        value = {f"block{i}_pw": r for i, r in enumerate(value) if r}
+    if not isinstance(value, dict) or not set(value) <= set(names):
+        raise ValueError(
+            "Received an invalid value for `lora_rank`, expected None, an int, a "
+            "list of ints (one per block) or a dict {conv name: rank} with names "
+            f"in {names} (depthwise convolutions have no LoRA in Keras; train "
+            f"their BatchNorm instead). Received: lora_rank={value!r}"
+        )
+    ranks = {k: _positive_int("lora_rank", v) for k, v in value.items()}
+    return {name: ranks[name] for name in names if name in ranks} or None
+
+
 @serializable
 class FeatureStage(keras.layers.Layer):
     """Depthwise-separable convolution blocks for feature extraction.
@@ -57,6 +82,13 @@ class FeatureStage(keras.layers.Layer):
         stem_filters: int or None. Channels of a standard convolution before
             the blocks. Defaults to `None` (no stem).
         depth_multiplier: int. Depthwise channel multiplier. Defaults to `1`.
+        lora_rank: None, int, list or dict. Keras LoRA
+            (`layer.enable_lora`) on the stem and 1x1 convolutions: an int for
+            all of them, a list with one rank (or None) per block for the
+            blocks' 1x1 convolutions, or a dict `{"stem_conv" or "block{i}_pw":
+            rank}`. Their kernels then stay frozen and a zero-initialised
+            low-rank update trains, which `kmt.optimize.merge_adapters` folds
+            back into the kernel. Defaults to `None`.
 
     Input shape:
         3-D `(batch, steps, channels)` or 4-D `(batch, height, width, channels)`.
@@ -87,6 +119,7 @@ class FeatureStage(keras.layers.Layer):
         use_batchnorm=True,
         stem_filters=None,
         depth_multiplier=1,
+        lora_rank=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -119,6 +152,17 @@ class FeatureStage(keras.layers.Layer):
             else _positive_int("stem_filters", stem_filters)
         )
         self.depth_multiplier = _positive_int("depth_multiplier", depth_multiplier)
+        self.lora_rank = _lora_ranks(
+            lora_rank, len(self.filters), self.stem_filters is not None
+        )
+
+    def lora_rank_of(self, name):
+        """The LoRA rank of the inner convolution `name` (None without LoRA)."""
+        if isinstance(self.lora_rank, dict):
+            return self.lora_rank.get(name)
+        if name == "stem_conv" or name.endswith("_pw"):
+            return self.lora_rank
+        return None
 
     def _act(self, name):
         return keras.layers.ReLU(
@@ -159,6 +203,7 @@ class FeatureStage(keras.layers.Layer):
                         use_bias=not self.use_batchnorm,
                         name="stem_conv",
                         dtype=self.dtype_policy,
+                        lora_rank=self.lora_rank_of("stem_conv"),
                     ),
                     *self._norm_act("stem"),
                 ]
@@ -181,6 +226,7 @@ class FeatureStage(keras.layers.Layer):
                     use_bias=not self.use_batchnorm,
                     name=f"block{i}_pw",
                     dtype=self.dtype_policy,
+                    lora_rank=self.lora_rank_of(f"block{i}_pw"),
                 ),
                 *self._norm_act(f"block{i}_pw"),
             ]
@@ -207,6 +253,11 @@ class FeatureStage(keras.layers.Layer):
             for layer in block:
                 layer.build(shape)
                 shape = layer.compute_output_shape(shape)
+        # Sublayers made here start trainable; a frozen stage (e.g. one
+        # reloaded from `.keras`) must not train them through the model.
+        # (Inside build, `self.trainable = ...` does not reach the setter.)
+        if not self.trainable:
+            keras.layers.Layer.trainable.fset(self, False)
 
     def call(self, inputs, training=None):
         x = ops.expand_dims(inputs, 2) if self._one_d else inputs
@@ -243,4 +294,5 @@ class FeatureStage(keras.layers.Layer):
             "use_batchnorm": self.use_batchnorm,
             "stem_filters": self.stem_filters,
             "depth_multiplier": self.depth_multiplier,
+            "lora_rank": self.lora_rank,
         }

@@ -3,6 +3,7 @@
 import keras
 
 from keras_microtune._api import serializable
+from keras_microtune.layers.embedding_stage import _optional_rank
 
 ACTIVATIONS = ("softmax", "sigmoid", "linear", None)
 
@@ -21,6 +22,8 @@ class OutputStage(keras.layers.Layer):
         dropout: float. Dropout rate in [0, 1) applied before the dense layer
             during training. Defaults to `0.0`.
         use_bias: bool. Whether the dense layer has a bias. Defaults to `True`.
+        lora_rank: int or None. Keras LoRA on the dense kernel
+            (`Dense(lora_rank=...)`). Defaults to `None`.
 
     Input shape:
         `(batch, features)`.
@@ -39,7 +42,13 @@ class OutputStage(keras.layers.Layer):
     """
 
     def __init__(
-        self, units, activation="softmax", dropout=0.0, use_bias=True, **kwargs
+        self,
+        units,
+        activation="softmax",
+        dropout=0.0,
+        use_bias=True,
+        lora_rank=None,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         if isinstance(units, bool) or not isinstance(units, int) or units < 1:
@@ -61,12 +70,14 @@ class OutputStage(keras.layers.Layer):
         self.activation = activation
         self.dropout = float(dropout)
         self.use_bias = bool(use_bias)
+        self.lora_rank = _optional_rank(lora_rank)
         self.dense = keras.layers.Dense(
             units,
             activation=activation,
             use_bias=self.use_bias,
             name="dense",
             dtype=self.dtype_policy,
+            lora_rank=self.lora_rank,
         )
         self.dropout_layer = (
             keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
@@ -82,6 +93,11 @@ class OutputStage(keras.layers.Layer):
                 f"Received: input_shape={input_shape}"
             )
         self.dense.build(input_shape)
+        # Sublayers made here start trainable; a frozen stage (e.g. one
+        # reloaded from `.keras`) must not train them through the model.
+        # (Inside build, `self.trainable = ...` does not reach the setter.)
+        if not self.trainable:
+            keras.layers.Layer.trainable.fset(self, False)
 
     def call(self, inputs, training=None):
         x = inputs
@@ -99,4 +115,5 @@ class OutputStage(keras.layers.Layer):
             "activation": self.activation,
             "dropout": self.dropout,
             "use_bias": self.use_bias,
+            "lora_rank": self.lora_rank,
         }

@@ -13,6 +13,8 @@ Public API:
 Hooks for schedules (`kmt.callbacks`): `set_quantization_enabled`,
 `freeze_ranges`, `freeze_batch_norm`, `update_pruning_masks`,
 `pruning_summary`, and the `pruning_step` variable of `PruneLowMagnitude`.
+- `merge_adapters(model)` / `merge_report(model)`: fold LoRA (and
+  MicroTune where exact) into the kernels they adapt (`optimize/merge.py`).
 - `cluster_weights(model, number_of_clusters=16, ...)` and
   `strip_clustering(model)`: weight clustering for TFLite Micro's LUT
   compression (`optimize/cluster.py`), with the hooks
@@ -35,6 +37,7 @@ from keras_microtune.optimize.hooks import (
     freeze_ranges,
     set_quantization_enabled,
 )
+from keras_microtune.optimize.merge import merge_adapters, merge_report
 from keras_microtune.optimize.prune import (
     PruneLowMagnitude,
     prune_low_magnitude,
@@ -60,6 +63,8 @@ __all__ = [
     "freeze_batch_norm",
     "freeze_centroids",
     "freeze_ranges",
+    "merge_adapters",
+    "merge_report",
     "prune_low_magnitude",
     "preserve_clusters",
     "pruning_summary",

@@ -6,6 +6,10 @@ folded into its kernel and bias, the kernel is fake-quantized (symmetric,
 per channel for convolutions, per tensor for dense), ReLU/ReLU6 is applied,
 and the output is fake-quantized with a moving-average range.
 
+Keras LoRA (`enable_lora`) on the wrapped layer is seen merged: `kernel` is
+`W + A B`, so the fake quantizer sees the kernel `merge_adapters` deploys
+while only the LoRA factors train.
+
 Run-time hooks (besides the quantizer flags in `quantizers`): the variable
 `bn_frozen` (1.0 / 0.0). While it is 0 and the BatchNorm is trainable,
 training folds the batch statistics and updates the moving ones; once it is
@@ -141,6 +145,10 @@ class QuantizeConv(keras.layers.Layer):
                     trainable=False,
                 )
                 self.masks.append(mask)
+                # With Keras LoRA `kernel` is W + A B, a tensor: the frozen
+                # variable W takes the constraint, `call` masks the sum.
+                if getattr(self.layer, "lora_enabled", False):
+                    kernel = self.layer._kernel
                 kernel.constraint = MaskConstraint(mask, kernel.constraint)
         self.output_quantizer.build(out_shape)
         if self.intermediate_quantizer is not None:

@@ -51,6 +51,13 @@ def quantize_conv(layer, x, batch_norm=None, activation=None, name=None, sparse=
         name=name or f"quant_{layer.name}",
     )
     wrapper.trainable = layer.trainable
+    # Variable-level choices (attach's LoRA/bias/norm placement) carry over;
+    # a frozen BatchNorm keeps folding its moving statistics.
+    for source, copy in ((layer, conv), (batch_norm, bn)):
+        if source is not None:
+            copy.trainable = source.trainable
+            for src, dst in zip(source.weights, copy.weights):
+                dst.trainable = src.trainable
     return wrapper(x)
 
 
