@@ -144,7 +144,7 @@ def resolve_placement(
     for key, value in (("bias", train_bias), ("norm", train_norm)):
         names = _names(f"train_{key}", value, body)
         leaves = [n for name in names for n, x in _find(model, name, body)]
-        plan[key] = [n for n in dict.fromkeys(leaves)]
+        plan[key] = list(dict.fromkeys(leaves))
     return plan
 
 

@@ -69,9 +69,6 @@ def _copy_merged(layer, fold=None):
 
 def _microtune_matrix(adapter):
     """The dense map `I + M` and the bias `b` of a linear MicroTune."""
-    width = adapter.bias.shape[0] if adapter.use_bias else None
-    g = (adapter.kernel if adapter.rank is None else adapter.kernel_down).shape[1]
-    width = width or g * adapter.groups
     blocks = []
     for i in range(adapter.groups):
         if adapter.rank is None:
@@ -79,14 +76,15 @@ def _microtune_matrix(adapter):
         else:
             down = ops.convert_to_numpy(adapter.kernel_down[i])
             blocks.append(down @ ops.convert_to_numpy(adapter.kernel_up[i]))
+    g = blocks[0].shape[0]
+    width = g * adapter.groups
     m = np.zeros((width, width), "float32")
     for i, block in enumerate(blocks):
         cols = slice(i * g, (i + 1) * g)
-        if adapter.merge == "sum":
-            for j in range(adapter.groups):
-                m[j * g : (j + 1) * g, cols] = block
-        else:
-            m[cols, cols] = block
+        # "concat": slice i maps slice i; "sum": every slice feeds slice i.
+        rows = range(adapter.groups) if adapter.merge == "sum" else [i]
+        for j in rows:
+            m[j * g : (j + 1) * g, cols] = block
     bias = ops.convert_to_numpy(adapter.bias) if adapter.use_bias else 0.0
     return np.eye(width, dtype="float32") + m, bias
 
@@ -220,6 +218,8 @@ def _merge(model):
             copy.build_from_config(layer.get_build_config())
             copy.set_weights(layer.get_weights())
         copy.trainable = layer.trainable
+        for source, target in zip(layer.weights, copy.weights):
+            target.trainable = source.trainable
         if id(layer) in folded:
             skipped.add(id(copy))
         return copy

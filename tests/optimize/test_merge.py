@@ -142,7 +142,8 @@ def test_qat_merge_convert_matches_trained_int8(trained_stages, tools):
     assert {"block0_pw/lora_kernel_a", "stem_conv/lora_kernel_b"} <= trainable
     assert not any(v.name == "kernel" and "pw" in v.path for v in qat.trainable_weights)
     names = ("kernel", "moving_mean", "moving_variance")
-    frozen = [(v, v.numpy()) for v in qat.weights if v.name in names and not v.trainable]
+    frozen = [(v, v.numpy()) for v in qat.weights if v.name in names]
+    frozen = [(v, value) for v, value in frozen if not v.trainable]
     assert len(frozen) == 5 + 5 * 2  # b1: stem, dw, pw; b2: dw, pw; their BNs
     _fit(qat, x, y, 1)
     for v, value in frozen:  # base kernels (and BN statistics) stay frozen
@@ -156,6 +157,20 @@ def test_qat_merge_convert_matches_trained_int8(trained_stages, tools):
     got, scale = tools.run_tflm(result.tflite, x)
     assert np.abs(got - expected).max() <= 2 * scale + 1e-6
     assert np.mean(got.argmax(1) == expected.argmax(1)) >= 0.95
+
+
+@pytest.mark.parametrize("merge, rank", [("sum", None), ("concat", 2)])
+def test_microtune_fold_is_exact_for_each_form(merge, rank, rng):
+    inputs = keras.Input((5, 3))
+    x = keras.layers.Conv1D(4, 3, name="conv")(inputs)
+    x = layers.MicroTune(groups=2, rank=rank, merge=merge, name="mt")(x)
+    model = keras.Model(inputs, keras.layers.ReLU()(x))
+    for v in model.weights:  # non-zero adapter weights
+        v.assign(rng.normal(size=v.shape).astype("float32"))
+    x = rng.normal(size=(4, 5, 3)).astype("float32")
+    merged = kmt.optimize.merge_adapters(model)
+    assert [type(x).__name__ for x in merged.layers] == ["InputLayer", "Conv1D", "ReLU"]
+    np.testing.assert_allclose(merged(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_merge_refuses_non_graph_models():
