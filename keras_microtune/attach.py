@@ -6,6 +6,7 @@ import keras
 
 from keras_microtune.adapters import apply_placement, resolve_placement
 from keras_microtune.layers import EmbeddingStage, FeatureStage, MicroTune, OutputStage
+from keras_microtune.training import PrefixCacheModel
 
 # Layers that make up a classifier head when they close a model.
 HEAD_TYPES = (
@@ -220,7 +221,9 @@ def attach(
     `keras_microtune.adapters.apply_placement`.
 
     Returns:
-        A new Functional keras.Model.
+        A new Functional keras.Model, a `PrefixCacheModel`: its `fit`
+        computes a long frozen prefix once for array inputs
+        (`model.cache_prefix = False` turns that off).
 
     Example:
 
@@ -308,7 +311,7 @@ def attach(
     inputs = adapted.inputs[0] if len(adapted.inputs) == 1 else adapted.inputs
     if not replace_head:
         outputs = adapted.outputs[0] if len(adapted.outputs) == 1 else adapted.outputs
-        return keras.Model(inputs, outputs, name=f"{model.name}_microtune")
+        return PrefixCacheModel(inputs, outputs, name=f"{model.name}_microtune")
 
     features = adapted.outputs[0]
     if old_head:
@@ -320,4 +323,4 @@ def attach(
         outputs = OutputStage(num_classes, name="classifier")(x)
     else:
         outputs = head(features)
-    return keras.Model(inputs, outputs, name=f"{model.name}_microtune")
+    return PrefixCacheModel(inputs, outputs, name=f"{model.name}_microtune")

@@ -1,0 +1,297 @@
+"""PrefixCacheModel: a Functional model whose `fit` computes a frozen prefix once.
+
+`kmt.attach()` returns this class. When a long frozen prefix precedes the
+first trainable layer and `fit` gets array data (NumPy arrays, tensors, or
+lists/dicts of them), `fit` runs the prefix once over the training (and
+validation) inputs and trains on its outputs, the *features*; the prefix
+does not run in the training steps. Everything else is Keras' own `fit`.
+
+How (and why this way). `fit` calls `keras.Model.fit` with `x` replaced by a
+dict of the features under reserved keys. Keras then does all it does for
+any model: `validation_split` (it splits the features exactly as it would
+split the inputs), shuffling, `class_weight` / `sample_weight`, callbacks
+bound to this full model (History, Progbar, EarlyStopping with
+`restore_best_weights`, ModelCheckpoint, BackupAndRestore, `stop_training`,
+learning-rate schedules, the kmt callbacks), and the returned History. The
+only hook is `__call__`: when Keras' train/test step calls `self(x)` on a
+features dict, the call goes to a *suffix* model built from the cut tensors
+with the same layer objects, so gradients, optimizer updates and metrics
+reach the same variables. Any other input (raw arrays in `predict`,
+`evaluate`, a callback converting the model mid-fit) takes the normal path,
+so no state has to be switched on and off around `fit`, and no Keras private
+method is overridden. The alternative, running the suffix's own `fit` with
+the callbacks bound to this model, would need `stop_training`, History and
+`model.history` forwarded by hand.
+
+Falls back to the plain `fit` (said once per call, in the `logging` module
+and, at `verbose` > 0, on stdout) when: `cache_prefix=False`; `x` is not
+arrays (tf.data, generators, PyDataset, sparse/ragged); the prefix has random
+or training-dependent layers before anything worth caching (Dropout, noise,
+random augmentation, BatchNorm with batch statistics, QAT/pruning wrappers
+whose state updates in training, custom layers taking `training`); the
+prefix computes under `MIN_PREFIX_FRACTION` of the model's multiply-adds;
+the features would exceed `max_cache_bytes` (default 1 GiB, summed over the
+training and validation features); a callback changes frozen layers during
+fit (ProgressiveUnfreeze, ActivationClipAnneal); or the prefix adds losses.
+The result matches the plain `fit` within float tolerance, with the same
+batch order (also with `shuffle=True` under the same seed).
+`evaluate` and `predict` always run the whole model.
+"""
+
+import logging
+
+import keras
+import numpy as np
+
+from keras_microtune._api import serializable
+from keras_microtune.training.prefix_plan import plan_prefix
+
+logger = logging.getLogger(__name__)
+FEATURE_KEY = "keras_microtune_prefix_features_"
+MIN_PREFIX_FRACTION = 0.2
+DEFAULT_MAX_CACHE_BYTES = 2**30
+
+
+def _is_features(x):
+    return (
+        isinstance(x, dict)
+        and bool(x)
+        and all(isinstance(k, str) and k.startswith(FEATURE_KEY) for k in x)
+    )
+
+
+def _pack(features):
+    features = features if isinstance(features, list) else [features]
+    return {f"{FEATURE_KEY}{i:03d}": f for i, f in enumerate(features)}
+
+
+def _unpack(x):
+    values = [x[f"{FEATURE_KEY}{i:03d}"] for i in range(len(x))]
+    return values[0] if len(values) == 1 else values
+
+
+def _is_arrays(x):
+    """True for NumPy arrays, dense tensors, and lists/dicts/tuples of them."""
+    import tensorflow as tf
+
+    leaves = keras.tree.flatten(x)
+    if not leaves:
+        return False
+    for leaf in leaves:
+        if isinstance(leaf, (tf.SparseTensor, tf.RaggedTensor)):
+            return False
+        if not (hasattr(leaf, "shape") and hasattr(leaf, "__array__")):
+            return False
+    return True
+
+
+class _Cache:
+    """Plain holder (not tracked by Keras, not saved) for the suffix model."""
+
+    def __init__(self):
+        self.key = None
+        self.suffix = None
+
+
+@serializable
+class PrefixCacheModel(keras.Model):
+    """A Functional model whose `fit` computes its frozen prefix only once.
+
+    Construct it like a Functional model; see the module docstring for what
+    `fit` caches and when it falls back to the plain path.
+
+    Args:
+        *args: the Functional model arguments (`inputs`, `outputs`, `name`).
+        cache_prefix: bool. Cache the frozen prefix in `fit`. Defaults to
+            `True`.
+        max_cache_bytes: int. Largest features cache (training plus
+            validation) `fit` builds. Defaults to `2**30` (1 GiB).
+        **kwargs: passed to `keras.Model`.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> import keras_microtune as kmt
+    >>> backbone = keras.Sequential([
+    ...     keras.Input((16, 3)),
+    ...     kmt.layers.FeatureStage([8, 16], name="features"),
+    ...     kmt.layers.EmbeddingStage(),
+    ...     kmt.layers.OutputStage(5),
+    ... ])
+    >>> model = kmt.attach(backbone, num_classes=3)
+    >>> type(model).__name__
+    'PrefixCacheModel'
+    """
+
+    def __init__(
+        self,
+        *args,
+        cache_prefix=True,
+        max_cache_bytes=DEFAULT_MAX_CACHE_BYTES,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        if not isinstance(cache_prefix, bool):
+            raise TypeError(
+                "Received an invalid value for `cache_prefix`, expected True or "
+                f"False. Received: cache_prefix={cache_prefix!r}"
+            )
+        if (
+            isinstance(max_cache_bytes, bool)
+            or not isinstance(max_cache_bytes, int)
+            or max_cache_bytes < 0
+        ):
+            raise ValueError(
+                "Received an invalid value for `max_cache_bytes`, expected a "
+                f"non-negative integer. Received: max_cache_bytes={max_cache_bytes!r}"
+            )
+        self.cache_prefix = cache_prefix
+        self.max_cache_bytes = max_cache_bytes
+        self._prefix_cache = _Cache()
+
+    def __call__(self, *args, **kwargs):
+        if args and _is_features(args[0]):
+            suffix = self._prefix_cache.suffix
+            if suffix is None:
+                raise ValueError(
+                    "Received cached prefix features outside a cached `fit`. "
+                    f"Keys starting with {FEATURE_KEY!r} are reserved; pass the "
+                    "model's own inputs instead."
+                )
+            return suffix(_unpack(args[0]), *args[1:], **kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "cache_prefix": self.cache_prefix,
+            "max_cache_bytes": self.max_cache_bytes,
+        }
+
+    def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", **kwargs):
+        """Keras' `fit`, computing the frozen prefix once for array inputs."""
+        callbacks = kwargs.get("callbacks")
+        validation = kwargs.get("validation_data")
+        plan, reason = self._plan_cache(x, validation, callbacks)
+        if reason is None:
+            features, validation, reason = self._features(
+                plan, x, validation, batch_size
+            )
+        if reason is not None:
+            self._say(verbose, f"Prefix cache off, training the whole model: {reason}.")
+            return super().fit(
+                x, y, batch_size=batch_size, epochs=epochs, verbose=verbose, **kwargs
+            )
+        self._say(
+            verbose,
+            f"Prefix cache: computed {len(plan.layers)} frozen layers once "
+            f"({plan.fraction:.0%} of the multiply-adds); training the rest.",
+        )
+        if validation is not None:
+            kwargs["validation_data"] = validation
+        guard = _PrefixGuard(plan.layers)
+        if isinstance(callbacks, keras.callbacks.CallbackList):
+            callbacks.append(guard)
+        else:
+            kwargs["callbacks"] = [*(callbacks or []), guard]
+        return super().fit(
+            _pack(features),
+            y,
+            batch_size=batch_size,
+            epochs=epochs,
+            verbose=verbose,
+            **kwargs,
+        )
+
+    def _say(self, verbose, message):
+        logger.info(message)
+        if verbose != 0:
+            print(message, flush=True)
+
+    def _plan_cache(self, x, validation, callbacks):
+        """(plan, reason): reason is why not to cache, None to cache."""
+        from keras_microtune.callbacks import ActivationClipAnneal, ProgressiveUnfreeze
+
+        if not self.cache_prefix:
+            return None, "cache_prefix=False"
+        if x is None or not _is_arrays(x):
+            return None, (
+                f"x is a {type(x).__name__}, not arrays (only NumPy arrays, "
+                "tensors and lists/dicts of them are cached)"
+            )
+        for callback in list(callbacks or []):
+            if isinstance(callback, (ProgressiveUnfreeze, ActivationClipAnneal)):
+                return None, (
+                    f"the {type(callback).__name__} callback changes frozen layers "
+                    "during fit"
+                )
+        plan = plan_prefix(self)
+        stops = f" (the prefix stops at: {'; '.join(plan.stops)})" if plan.stops else ""
+        if plan.reason is not None:
+            return plan, plan.reason + stops
+        if plan.fraction < MIN_PREFIX_FRACTION:
+            return plan, (
+                f"the frozen prefix is too short to matter ({plan.fraction:.0%} of "
+                f"the multiply-adds, needs {MIN_PREFIX_FRACTION:.0%}){stops}"
+            )
+        size = _rows(x) * _row_bytes(plan.cut)
+        if validation is not None and _is_arrays(validation):
+            val_x = keras.utils.unpack_x_y_sample_weight(validation)[0]
+            size += _rows(val_x) * _row_bytes(plan.cut)
+        if size > self.max_cache_bytes:
+            return plan, (
+                f"the features would take {size / 2**20:.0f} MiB, over "
+                f"max_cache_bytes={self.max_cache_bytes}"
+            )
+        return plan, None
+
+    def _features(self, plan, x, validation, batch_size):
+        """(features, validation_data, reason) with the prefix run once."""
+        key = tuple(id(t) for t in plan.cut)
+        cut = plan.cut if len(plan.cut) > 1 else plan.cut[0]
+        with self.distribute_strategy.scope():
+            prefix = keras.Model(self.input, cut, name=f"{self.name}_prefix")
+            if self._prefix_cache.key != key:
+                self._prefix_cache.suffix = keras.Model(
+                    cut, self.output, name=f"{self.name}_suffix"
+                )
+                self._prefix_cache.key = key
+
+        def run(inputs):
+            return prefix.predict(inputs, batch_size=batch_size or 32, verbose=0)
+
+        features = run(x)
+        if validation is not None and _is_arrays(validation):
+            val_x, val_y, val_w = keras.utils.unpack_x_y_sample_weight(validation)
+            validation = (_pack(run(val_x)), val_y, val_w)
+        if prefix.losses:
+            return None, None, "the frozen prefix adds losses (add_loss)"
+        return features, validation, None
+
+
+def _rows(x):
+    return int(keras.tree.flatten(x)[0].shape[0])
+
+
+def _row_bytes(cut):
+    return sum(
+        int(np.prod([d or 1 for d in t.shape[1:]])) * np.dtype(t.dtype).itemsize
+        for t in cut
+    )
+
+
+class _PrefixGuard(keras.callbacks.Callback):
+    """Stop a cached fit with a clear error if a prefix layer becomes trainable."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = layers
+
+    def on_epoch_begin(self, epoch, logs=None):
+        changed = [layer.name for layer in self.layers if layer.trainable_weights]
+        if changed:
+            raise RuntimeError(
+                f"Layers {changed} of the cached frozen prefix became trainable "
+                "during fit, so their cached outputs are stale. Set "
+                "`model.cache_prefix = False` before fit to train them."
+            )
