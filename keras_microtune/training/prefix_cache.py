@@ -6,22 +6,32 @@ lists/dicts of them), `fit` runs the prefix once over the training (and
 validation) inputs and trains on its outputs, the *features*; the prefix
 does not run in the training steps. Everything else is Keras' own `fit`.
 
-How (and why this way). `fit` calls `keras.Model.fit` with `x` replaced by a
-dict of the features under reserved keys. Keras then does all it does for
-any model: `validation_split` (it splits the features exactly as it would
-split the inputs), shuffling, `class_weight` / `sample_weight`, callbacks
-bound to this full model (History, Progbar, EarlyStopping with
-`restore_best_weights`, ModelCheckpoint, BackupAndRestore, `stop_training`,
-learning-rate schedules, the kmt callbacks), and the returned History. The
-only hook is `__call__`: when Keras' train/test step calls `self(x)` on a
-features dict, the call goes to a *suffix* model built from the cut tensors
-with the same layer objects, so gradients, optimizer updates and metrics
-reach the same variables. Any other input (raw arrays in `predict`,
-`evaluate`, a callback converting the model mid-fit) takes the normal path,
-so no state has to be switched on and off around `fit`, and no Keras private
-method is overridden. The alternative, running the suffix's own `fit` with
-the callbacks bound to this model, would need `stop_training`, History and
-`model.history` forwarded by hand.
+How (and why this way). `fit` calls `keras.Model.fit` with the features
+under reserved keys of a dict in place of `x`. Keras then does all it does
+for any model: callbacks bound to this full model (History, Progbar,
+EarlyStopping with `restore_best_weights`, ModelCheckpoint, BackupAndRestore,
+`stop_training`, learning-rate schedules, the kmt callbacks), `class_weight`,
+metrics, and the returned History. The only hook is `__call__`: when Keras'
+train/test step calls `self(x)` on a features dict, the call goes to a
+*suffix* model built from the cut tensors with the same layer objects, so
+gradients, optimizer updates and metrics reach the same variables. Any other
+input (raw arrays in `predict`, `evaluate`, a callback converting the model
+mid-fit) takes the normal path, so no state is switched around `fit` and no
+Keras private method is overridden. (The alternative, the suffix's own `fit`
+with the callbacks bound to this model, would need `stop_training`, History
+and `model.history` forwarded by hand.)
+
+Keras builds a new `tf.data` iterator over arrays at every epoch, which on a
+small cached dataset costs more than the steps; so the features go in as one
+repeating dataset with `steps_per_epoch` batches (`feature_data.py`), with
+`validation_split` split as Keras splits it (the last samples). With
+`shuffle=False` the batches and so the trained weights equal the plain
+`fit`'s (float tolerance); with `shuffle=True` batches are reshuffled each
+epoch by TensorFlow's seeded shuffle: reproducible under
+`keras.utils.set_random_seed`, but not the plain `fit`'s order. When the user
+passes `steps_per_epoch` or `class_weight`, the features go through Keras'
+own array batching instead (its order, also when shuffled, but an iterator
+per epoch).
 
 Falls back to the plain `fit` (said once per call, in the `logging` module
 and, at `verbose` > 0, on stdout) when: `cache_prefix=False`; `x` is not
@@ -33,9 +43,8 @@ prefix computes under `MIN_PREFIX_FRACTION` of the model's multiply-adds;
 the features would exceed `max_cache_bytes` (default 1 GiB, summed over the
 training and validation features); a callback changes frozen layers during
 fit (ProgressiveUnfreeze, ActivationClipAnneal); or the prefix adds losses.
-The result matches the plain `fit` within float tolerance, with the same
-batch order (also with `shuffle=True` under the same seed).
-`evaluate` and `predict` always run the whole model.
+A callback that makes a prefix layer trainable mid-fit stops it with an
+error. `evaluate` and `predict` always run the whole model.
 """
 
 import logging
@@ -44,6 +53,7 @@ import keras
 import numpy as np
 
 from keras_microtune._api import serializable
+from keras_microtune.training import feature_data
 from keras_microtune.training.prefix_plan import plan_prefix
 
 logger = logging.getLogger(__name__)
@@ -168,40 +178,65 @@ class PrefixCacheModel(keras.Model):
             "max_cache_bytes": self.max_cache_bytes,
         }
 
-    def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", **kwargs):
+    def fit(
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        epochs=1,
+        verbose="auto",
+        callbacks=None,
+        validation_split=0.0,
+        validation_data=None,
+        shuffle=True,
+        class_weight=None,
+        sample_weight=None,
+        initial_epoch=0,
+        steps_per_epoch=None,
+        validation_steps=None,
+        validation_batch_size=None,
+        validation_freq=1,
+    ):
         """Keras' `fit`, computing the frozen prefix once for array inputs."""
-        callbacks = kwargs.get("callbacks")
-        validation = kwargs.get("validation_data")
-        plan, reason = self._plan_cache(x, validation, callbacks)
+        args = dict(locals())
+        args.pop("self")
+        args.pop("__class__", None)
+        plan, reason = self._plan_cache(x, validation_data, callbacks)
         if reason is None:
-            features, validation, reason = self._features(
-                plan, x, validation, batch_size
-            )
+            batch_size = batch_size or 32
+            train, validation, reason = self._features(plan, args, batch_size)
         if reason is not None:
             self._say(verbose, f"Prefix cache off, training the whole model: {reason}.")
-            return super().fit(
-                x, y, batch_size=batch_size, epochs=epochs, verbose=verbose, **kwargs
-            )
+            return super().fit(**args)
         self._say(
             verbose,
             f"Prefix cache: computed {len(plan.layers)} frozen layers once "
             f"({plan.fraction:.0%} of the multiply-adds); training the rest.",
         )
-        if validation is not None:
-            kwargs["validation_data"] = validation
         guard = _PrefixGuard(plan.layers)
         if isinstance(callbacks, keras.callbacks.CallbackList):
             callbacks.append(guard)
         else:
-            kwargs["callbacks"] = [*(callbacks or []), guard]
-        return super().fit(
-            _pack(features),
-            y,
-            batch_size=batch_size,
-            epochs=epochs,
-            verbose=verbose,
-            **kwargs,
-        )
+            args["callbacks"] = [*(callbacks or []), guard]
+        args.update(validation_split=0.0, sample_weight=None)
+        if validation is not None:
+            args["validation_data"] = validation
+        if (
+            steps_per_epoch is not None
+            or class_weight is not None
+            or (y is None and sample_weight is not None)
+        ):
+            # Keras' own array batching (one iterator per epoch or two).
+            args.update(x=train[0], y=train[1], sample_weight=train[2])
+            return super().fit(**args)
+        dataset, steps = feature_data.training_dataset(*train, batch_size, shuffle)
+        if isinstance(validation, tuple):
+            validation = feature_data.evaluation_dataset(
+                *validation, validation_batch_size or batch_size
+            )
+            args.update(validation_data=validation, validation_batch_size=None)
+        args.update(x=dataset, y=None, batch_size=None, shuffle=False)
+        return super().fit(**{**args, "steps_per_epoch": steps})
 
     def _say(self, verbose, message):
         logger.info(message)
@@ -245,8 +280,13 @@ class PrefixCacheModel(keras.Model):
             )
         return plan, None
 
-    def _features(self, plan, x, validation, batch_size):
-        """(features, validation_data, reason) with the prefix run once."""
+    def _features(self, plan, args, batch_size):
+        """(train, validation, reason): arrays with the prefix run once.
+
+        `train` is `(features, y, sample_weight)`; `validation` the same for
+        array validation data (split as Keras splits `validation_split`), the
+        user's `validation_data` otherwise; `reason` says why not to cache.
+        """
         key = tuple(id(t) for t in plan.cut)
         cut = plan.cut if len(plan.cut) > 1 else plan.cut[0]
         with self.distribute_strategy.scope():
@@ -256,17 +296,25 @@ class PrefixCacheModel(keras.Model):
                     cut, self.output, name=f"{self.name}_suffix"
                 )
                 self._prefix_cache.key = key
+        train = (args["x"], args["y"], args["sample_weight"])
+        validation = args["validation_data"]
+        if args["validation_split"] and validation is None:
+            train, validation = feature_data.split_validation(
+                train, args["validation_split"]
+            )
+        elif validation is not None and _is_arrays(validation):
+            validation = keras.utils.unpack_x_y_sample_weight(validation)
 
-        def run(inputs):
-            return prefix.predict(inputs, batch_size=batch_size or 32, verbose=0)
+        def run(arrays, size):
+            features = feature_data.prefix_features(prefix, arrays[0], size)
+            return (_pack(features), *arrays[1:])
 
-        features = run(x)
-        if validation is not None and _is_arrays(validation):
-            val_x, val_y, val_w = keras.utils.unpack_x_y_sample_weight(validation)
-            validation = (_pack(run(val_x)), val_y, val_w)
+        train = run(train, batch_size)
+        if isinstance(validation, tuple):
+            validation = run(validation, args["validation_batch_size"] or batch_size)
         if prefix.losses:
             return None, None, "the frozen prefix adds losses (add_loss)"
-        return features, validation, None
+        return train, validation, None
 
 
 def _rows(x):
