@@ -104,6 +104,28 @@ def test_cached_fit_matches_plain_fit(data, caplog):
     )
 
 
+def test_inner_adapters_and_biases_train_and_end_the_prefix(data, caplog):
+    """A frozen stage whose LoRA factors or biases train is not in the prefix:
+    only the stages before it are cached, and training matches the plain fit."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    x, y = data
+    backbone = _backbone()
+    kwargs = {"num_classes": 3, "adapters": None, "lora": "block3"}
+    kwargs["train_bias"] = ["block3"]
+    cached, h_cached = _train(backbone, x, y, True, attach_kwargs=kwargs)
+    plain, h_plain = _train(backbone, x, y, False, attach_kwargs=kwargs)
+    assert {layer.name for layer in plan_prefix(cached).layers} == {
+        "block1",
+        "block2",
+    }
+    assert _messages(caplog)[0].startswith("Prefix cache: computed 2 frozen layers")
+    _assert_same_training(cached, plain, h_cached, h_plain)
+    lora_up = [
+        v for v in cached.get_layer("block3").weights if "lora_kernel_b" in v.path
+    ]
+    assert lora_up and all(np.abs(v.numpy()).max() > 0 for v in lora_up)
+
+
 def test_shuffle_is_seeded_and_reshuffles(data):
     x, y = data
     backbone = _backbone()

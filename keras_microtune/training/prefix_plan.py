@@ -131,7 +131,7 @@ def plan_prefix(model):
                 frozen[key] = True
             else:
                 inputs_frozen = all(is_frozen(t) for t in node.input_tensors)
-                ok = inputs_frozen and not layer.trainable_weights
+                ok = inputs_frozen and not any(v.trainable for v in layer.weights)
                 if ok:
                     why = training_dependence(layer)
                     if why is not None:
