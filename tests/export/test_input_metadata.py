@@ -107,6 +107,11 @@ def test_entry_is_in_the_file_and_survives_save_strip_and_inspect(sensor, capsys
         "version": 1,
         "bytes": feed["metadata"]["bytes"],
     }
+    names = [p["name"] for p in result.report["passes"]]
+    assert names.index("memory_plan") + 1 == names.index("input_metadata")
+    record = result.report["passes"][names.index("input_metadata")]
+    assert record["bytes_after"] == len(saved)  # The last flatbuffer rewrite.
+    assert record["added_bytes"] == record["bytes_after"] - record["bytes_before"]
     entry = json.loads(_tflite.metadata(saved, input_metadata.NAME))
     assert entry["version"] == 1 and entry["input"] == 0
     assert entry["preprocessing"]["kinds"] == ["Normalization"]
