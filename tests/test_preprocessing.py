@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import keras_microtune as kmt
-from keras_microtune.export import runtimes
+from keras_microtune.export import input_metadata, runtimes
 
 ARENA = 1 << 20
 
@@ -95,6 +95,9 @@ def test_per_channel_normalization_stays_as_int8_ops(rng):
     detail = runtimes.io_details(result.tflite)[0][0]
     assert feed["scale"] == pytest.approx(detail["quantization"][0])
     _assert_matches_float(model, result, x)
+    entry = input_metadata.read(result.tflite)  # The file says what it runs.
+    assert entry == feed and entry["preprocessing"]["ops"] == ["MUL", "ADD"]
+    assert len(entry["preprocessing"]["scale"]) == 3
 
 
 def test_input_type_is_checked(rng):
@@ -131,3 +134,6 @@ def test_evaluate_feeds_raw_values_like_the_device(rng):
     manual = _device_outputs(result, x_raw).argmax(axis=1)
     assert metrics["accuracy"] == pytest.approx(np.mean(manual == y))
     assert metrics["accuracy"] >= 0.9
+    # The .tflite alone says how raw values are fed (keras_microtune.input).
+    from_file = kmt.evaluate(result.tflite, x_raw, y, runtime="tflm")
+    assert from_file["accuracy"] == metrics["accuracy"]

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import keras_microtune as kmt
-from keras_microtune.export import InvalidModelError, _tflite, codegen
+from keras_microtune.export import InvalidModelError, _tflite, codegen, input_metadata
 
 FUZZ_FLIPS = 400  # Seeded byte flips fed to inspect() (see RELIABILITY.md).
 FUZZ_TRUNCATIONS = 100
@@ -232,6 +232,16 @@ def _subgraph0(data):
     return _tflite._schema().Model.GetRootAs(data, 0).Subgraphs(0)._tab.Pos
 
 
+def _input_entry(data, payload=b'{"version": 1}'):
+    """`data` with a keras_microtune.input metadata entry holding `payload`."""
+    return _tflite.with_metadata(data, input_metadata.NAME, payload)
+
+
+def _entry_buffer(data):
+    model = _tflite._schema().Model.GetRootAs(data, 0)
+    return model.Buffers(model.Metadata(model.MetadataLength() - 1).Buffer())._tab.Pos
+
+
 HOSTILE = {
     "activation claiming 256 GiB": (
         lambda d: _edit(d, lambda m, s: _activations(m, [1, 1 << 19, 1 << 19])),
@@ -272,6 +282,24 @@ HOSTILE = {
     "WHILE calling subgraph 99": (
         lambda d: _edit(d, _while(0, 99)),
         "calls subgraph 99",
+    ),
+    "input metadata claiming 2 GiB": (
+        lambda d: _set_vector_length(
+            _input_entry(d), _entry_buffer(_input_entry(d)), 4, 2**31 - 1
+        ),
+        "more than the 65,536 expected",
+    ),
+    "input metadata nested 30,000 deep": (
+        lambda d: _input_entry(d, b"[" * 30_000 + b"]" * 30_000),
+        "not JSON",
+    ),
+    "input metadata for another input": (
+        lambda d: _input_entry(
+            d,
+            b'{"version":1,"input":0,"dtype":"int8","shape":[1,999],"scale":1,'
+            b'"zero_point":0,"raw_min":-128,"raw_max":127}',
+        ),
+        "changed after conversion",
     ),
     "activations over 1 GiB in total": (
         lambda d: _edit(d, lambda m, s: _activations(m, [1, 600 << 20])),

@@ -34,7 +34,9 @@ _TYPES = {
     17: ("int4", 0.5),
     18: ("bfloat16", 2),
 }
-_KEEP_METADATA = ("OfflineMemoryAllocation",)
+# Metadata entries `strip` keeps: TFLite Micro's offline memory plan and
+# keras_microtune's description of the raw input (`input_metadata`).
+_KEEP_METADATA = ("OfflineMemoryAllocation", "keras_microtune.input")
 # No tensor of a model keras_microtune handles may declare more bytes than this:
 # a hostile file's shapes cannot make anything allocate gigabytes.
 MAX_TENSOR_BYTES = 1 << 30
@@ -366,7 +368,8 @@ class _AlignedBuffer:
 def strip(data: bytes) -> bytes:
     """Remove tensor/subgraph names, signatures, description and metadata.
 
-    The metadata TFLite Micro reads (`OfflineMemoryAllocation`) is kept. Weights,
+    The metadata TFLite Micro reads (`OfflineMemoryAllocation`) and
+    keras_microtune's `keras_microtune.input` entry are kept. Weights,
     graph and quantization are untouched, so outputs stay bit-identical.
     """
     import flatbuffers
@@ -395,3 +398,90 @@ def strip(data: bytes) -> bytes:
     builder = flatbuffers.Builder(len(data) + 1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
+
+
+def _metadata_name(entry) -> str:
+    name = entry.name
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+
+
+def with_metadata(data: bytes, name: str, payload: bytes) -> bytes:
+    """Return `data` with metadata entry `name` holding `payload` (a new buffer).
+
+    A previous entry of that name is replaced (its buffer emptied); every
+    other entry, weight and tensor is kept as it is.
+
+    Raises:
+        ValueError: the model is over 2 GB (external buffers).
+    """
+    import flatbuffers
+
+    schema = _schema()
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(bytes(data), 0))
+    if any(b.offset > 1 for b in model.buffers or []):
+        raise ValueError("Models over 2 GB (external buffers) cannot take metadata.")
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(bytes(payload), np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name = name
+    entry.buffer = len(model.buffers) - 1
+    old = [m for m in model.metadata or [] if _metadata_name(m) == name]
+    kept = [m for m in model.metadata or [] if _metadata_name(m) != name]
+    for m in old:  # Drop the previous entry's data.
+        if all(k.buffer != m.buffer for k in kept):
+            model.buffers[m.buffer].data = None
+    model.metadata = [*kept, entry]
+    model.buffers = [_AlignedBuffer(b.data) for b in model.buffers]
+    builder = flatbuffers.Builder(len(data) + len(payload) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def metadata(data: bytes, name: str, max_bytes: int = 1 << 20) -> bytes | None:
+    """The bytes of metadata entry `name` in `data`, or None without one.
+
+    Bounded like `parse`: the entry count, buffer index and data length are
+    checked against the file before anything is read.
+
+    Raises:
+        InvalidModelError: the entry points at a missing buffer, past the end
+            of the file, or holds more than `max_bytes`.
+    """
+    data = bytes(data)
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise InvalidModelError("Not a TFLite model: 'TFL3' is missing.")
+    try:
+        model = _schema().Model.GetRootAs(data, 0)
+        n = _vec(0, model.MetadataLength(), len(data), "metadata")
+        for i in range(n):
+            entry = model.Metadata(i)
+            if (entry.Name() or b"").decode("utf-8", "replace") != name:
+                continue
+            index = entry.Buffer()
+            if index >= model.BuffersLength():
+                raise InvalidModelError(
+                    f"Metadata {name!r} refers to buffer {index}, which does not exist."
+                )
+            buf = model.Buffers(index)
+            offset, length = buf.Offset(), buf.Size()
+            if offset <= 1:
+                length = buf.DataLength()
+            if length > max_bytes or length > len(data):
+                raise InvalidModelError(
+                    f"Metadata {name!r} holds {length:,} bytes, more than the "
+                    f"{max_bytes:,} expected (or than the file holds)."
+                )
+            if offset > 1:
+                if offset + length > len(data):
+                    raise InvalidModelError(f"Metadata {name!r} points past the end.")
+                return data[offset : offset + length]
+            raw = buf.DataAsNumpy()
+            return b"" if isinstance(raw, int) else raw.tobytes()
+    except InvalidModelError:
+        raise
+    except Exception as e:  # struct.error, IndexError from a corrupted table.
+        raise InvalidModelError(
+            f"Corrupted metadata in the TFLite model: {type(e).__name__}: {e}"
+        ) from None
+    return None

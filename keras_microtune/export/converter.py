@@ -60,6 +60,7 @@ PASSES = (
     flatbuffer.strip,
     flatbuffer.compress,
     flatbuffer.memory_plan,
+    flatbuffer.input_metadata,
     # Measurements (passes/measurements.py): run it, assemble the report.
     measurements.arena,
     measurements.vela,
@@ -108,8 +109,9 @@ def convert(
             `"int8"`, `"uint8"` (camera frames, 8-bit ADCs) or `"int16"`
             (TFLite's 16x8 mode: int16 activations and output, int8 weights).
             A leading `Rescaling`/`Normalization` is folded into the input
-            quantization (see `result.report["input"]`). Defaults to the
-            target's (`"int8"`).
+            quantization (see `result.report["input"]`), and the `.tflite`
+            says so in its `keras_microtune.input` metadata (README:
+            "Reading the input entry"). Defaults to the target's (`"int8"`).
         strict: bool. Raise instead of returning `fits=False` / unverified.
         overwrite: bool. Allow replacing a non-empty `output_dir`.
         safe_mode: bool. Keras safe deserialization for model files.

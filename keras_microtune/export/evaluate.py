@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import keras
 import numpy as np
 
 from keras_microtune import data
-from keras_microtune.export import _model
+from keras_microtune.export import _model, input_metadata, preprocessing
 
 RUNTIMES = ("tflm", "litert", "keras")
 CLASSIFIER_METRICS = ("accuracy", "precision", "recall", "confusion_matrix")
@@ -17,12 +18,20 @@ CHUNK = 256  # samples per TFLite Micro child process / progress-bar step
 EVAL_ARENA_BYTES = 16 * 1024 * 1024  # generous: evaluation is not sizing
 
 
-def _input_quantizer(model_or_tflite):
-    """A ConversionResult's raw-input quantizer, when it reports one."""
+def _input_quantizer(model_or_tflite, tflite):
+    """Raw input 0 -> the integers the device feeds, when the model says how.
+
+    A ConversionResult reports it (`report["input"]`); a `.tflite` path or
+    bytes carries it as its `keras_microtune.input` metadata (a folded
+    Rescaling/Normalization). None: the input tensor's own quantization.
+    """
     report = getattr(model_or_tflite, "report", None) or {}
     if "input" in report and hasattr(model_or_tflite, "quantize_input"):
         return model_or_tflite.quantize_input
-    return None
+    entry = input_metadata.read(tflite)
+    if entry is None:
+        return None
+    return functools.partial(preprocessing.quantize_input, input_report=entry)
 
 
 def _load_model(model_or_tflite):
@@ -50,8 +59,8 @@ def _predict_tflite(tflite, xs, runtime, verbose, input_quantizer=None):
     raw_first = xs[0]
     xs = [runtimes.quantize(x, d) for x, d in zip(xs, ins)]
     if input_quantizer is not None:
-        # A ConversionResult knows its device input in raw units (folded
-        # Rescaling/Normalization): quantize exactly as the device does.
+        # The model says how raw values are fed (a folded Rescaling or
+        # Normalization): quantize exactly as the device does.
         xs[0] = np.asarray(input_quantizer(raw_first)).astype(ins[0]["dtype"])
     n = len(xs[0])
     bar = keras.utils.Progbar(n, unit_name="sample") if verbose else None
@@ -119,7 +128,10 @@ def evaluate(model_or_tflite, x, y=None, runtime=None, metrics=None, verbose=0):
     predicted); regressors get mean absolute error and RMSE. Quantized
     inputs and outputs are (de)quantized with the model's own parameters, so
     the same float `x` serves every runtime and the numbers compare side by
-    side.
+    side. When the model's leading Rescaling/Normalization was folded into its
+    input quantization, `x` holds raw values and is quantized as the device
+    does: by `result.quantize_input` for a ConversionResult, and by the
+    file's `keras_microtune.input` metadata for a `.tflite` path or bytes.
 
     Args:
         model_or_tflite: keras.Model, ConversionResult, .tflite bytes, or a
@@ -136,6 +148,11 @@ def evaluate(model_or_tflite, x, y=None, runtime=None, metrics=None, verbose=0):
 
     Returns:
         dict of metric name -> value, plus `runtime` and `samples`.
+
+    Raises:
+        ValueError: bad arguments, or a `.tflite` whose `keras_microtune.input`
+            metadata has a version this keras_microtune does not read (it
+            would feed raw values wrongly; the message says what to do).
 
     Example:
 
@@ -169,6 +186,7 @@ def evaluate(model_or_tflite, x, y=None, runtime=None, metrics=None, verbose=0):
     else:
         from keras_microtune.export import runtimes
 
+        quantizer = _input_quantizer(model_or_tflite, model)  # Before the data.
         shapes = [tuple(d["shape"][1:]) for d in runtimes.io_details(model)[0]]
     xs, y_from_x = data.as_arrays(x, shapes, what="x")
     y = y_from_x if y is None else np.asarray(y)
@@ -181,9 +199,7 @@ def evaluate(model_or_tflite, x, y=None, runtime=None, metrics=None, verbose=0):
     if kind == "keras":
         outputs = _model.predict(model, xs)[0]
     else:
-        outputs = _predict_tflite(
-            model, xs, runtime, verbose, _input_quantizer(model_or_tflite)
-        )
+        outputs = _predict_tflite(model, xs, runtime, verbose, quantizer)
     outputs = outputs.astype("float32")
     if _is_classification(y, outputs):
         result, names = _classifier_metrics(y, outputs), CLASSIFIER_METRICS

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import warnings
 
-from keras_microtune.export import _tflite, pipeline, runtimes
+from keras_microtune._api import KerasMicrotuneWarning
+from keras_microtune.export import _tflite, input_metadata, pipeline, runtimes
 from keras_microtune.export import targets as targets_lib
 from keras_microtune.export._tflite import InvalidModelError
 from keras_microtune.export.passes import measurements
@@ -44,19 +46,28 @@ def inspect(path_or_bytes, target: str | targets_lib.Target | None = None):
             model with int8 inputs and outputs, else `"float32"` (no budgets).
 
     Returns:
-        A `ConversionResult` whose `parity` is None.
+        A `ConversionResult` whose `parity` is None. A model written by
+        `convert` with a folded Rescaling/Normalization carries how raw values
+        are fed (its `keras_microtune.input` metadata): it is in
+        `report["input"]`, and `result.quantize_input` applies it.
 
     Raises:
         InvalidModelError: (a ValueError) the data is empty, truncated,
             corrupted or not a TFLite model, or TFLite Micro cannot run it. The
             TFLite Micro interpreter runs in a child process, so a hostile file
             cannot crash the caller.
+
+    Warns:
+        KerasMicrotuneWarning: the `keras_microtune.input` metadata has a
+            version this keras_microtune does not read (`report["input"]`
+            then says so instead of how to feed the model).
     """
     data, name = _read(path_or_bytes)
     info = _tflite.parse(data)
     if target is None:
         io = [info.tensors[t].dtype for t in info.inputs + info.outputs]
         target = "mcu" if io and all(d == "int8" for d in io) else "float32"
+    feed = _input(data, info)  # Before measuring: a bad entry fails fast.
     c = pipeline.Conversion(data, targets_lib.get(target), name=name)
     c.set_tflite(data, info)
     try:
@@ -69,4 +80,22 @@ def inspect(path_or_bytes, target: str | targets_lib.Target | None = None):
     c.report["passes"] = c.passes
     result = ConversionResult(data, c.report, str(name), timings=c.timings)
     result._parsed = (data, info)
+    if feed is not None:
+        result.report["input"] = feed
     return result
+
+
+def _input(data: bytes, info) -> dict | None:
+    """`report["input"]` from the file's input metadata (None without one)."""
+    try:
+        return input_metadata.read(data, info)
+    except input_metadata.UnsupportedVersionError as e:
+        warnings.warn(str(e), KerasMicrotuneWarning, stacklevel=3)
+        return {
+            "feed": f"unknown: {e}",
+            "metadata": {
+                "name": input_metadata.NAME,
+                "version": e.version,
+                "supported": False,
+            },
+        }

@@ -226,53 +226,20 @@ def check(info: _tflite.ModelInfo, offsets) -> None:
 
 def embed(data: bytes, offsets) -> bytes:
     """Return `data` with `offsets` stored as its OfflineMemoryAllocation."""
-    import flatbuffers
-
-    schema = _tflite._schema()
-    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(bytes(data), 0))
-    if any(b.offset > 1 for b in model.buffers or []):
-        raise ValueError("Models over 2 GB (external buffers) are not planned.")
-    values = np.array([0, len(model.subgraphs), len(offsets), *offsets], "<i4")
-    buffer = schema.BufferT()
-    buffer.data = np.frombuffer(values.tobytes(), np.uint8)
-    model.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name = METADATA_NAME
-    entry.buffer = len(model.buffers) - 1
-    old = [m for m in model.metadata or [] if _name(m) == METADATA_NAME]
-    kept = [m for m in model.metadata or [] if _name(m) != METADATA_NAME]
-    for m in old:  # Drop a previous plan's data.
-        if all(k.buffer != m.buffer for k in kept):
-            model.buffers[m.buffer].data = None
-    model.metadata = [*kept, entry]
-    model.buffers = [_tflite._AlignedBuffer(b.data) for b in model.buffers]
-    builder = flatbuffers.Builder(len(data) + 4 * len(values) + 1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    model = _tflite._schema().Model.GetRootAs(bytes(data), 0)
+    values = np.array([0, model.SubgraphsLength(), len(offsets), *offsets], "<i4")
+    return _tflite.with_metadata(data, METADATA_NAME, values.tobytes())
 
 
 def read(data: bytes) -> list | None:
     """The offsets stored in `data`'s OfflineMemoryAllocation, or None."""
-    schema = _tflite._schema()
-    model = schema.Model.GetRootAs(bytes(data), 0)
-    for i in range(model.MetadataLength()):
-        m = model.Metadata(i)
-        if (m.Name() or b"").decode() == METADATA_NAME:
-            if m.Buffer() >= model.BuffersLength():
-                return None
-            raw = model.Buffers(m.Buffer()).DataAsNumpy()
-            if isinstance(raw, int):  # No data.
-                return None
-            raw = raw.tobytes()
-            values = np.frombuffer(raw[: len(raw) // 4 * 4], "<i4")
-            if len(values) < 3 or not 0 <= values[2] <= len(values) - 3:
-                return None
-            return [int(v) for v in values[3 : 3 + values[2]]]
-    return None
-
-
-def _name(m):
-    return m.name.decode() if isinstance(m.name, bytes) else m.name
+    raw = _tflite.metadata(data, METADATA_NAME)
+    if raw is None:
+        return None
+    values = np.frombuffer(raw[: len(raw) // 4 * 4], "<i4")
+    if len(values) < 3 or not 0 <= values[2] <= len(values) - 3:
+        return None
+    return [int(v) for v in values[3 : 3 + values[2]]]
 
 
 def _random_inputs(info, samples=2, seed=0):

@@ -34,7 +34,8 @@ class Affine:
 
     scale: np.ndarray
     offset: np.ndarray
-    layers: list
+    layers: list  # Layer names, in order.
+    kinds: list = dataclasses.field(default_factory=list)  # Their class names.
 
     @property
     def per_tensor(self) -> bool:
@@ -44,9 +45,12 @@ class Affine:
         return (x * self.scale + self.offset).astype("float32")
 
     def then(self, scale, offset, layer) -> Affine:
-        """This affine followed by `x * scale + offset`."""
+        """This affine followed by `layer`'s `x * scale + offset`."""
         return Affine(
-            self.scale * scale, self.offset * scale + offset, [*self.layers, layer]
+            self.scale * scale,
+            self.offset * scale + offset,
+            [*self.layers, layer.name],
+            [*self.kinds, type(layer).__name__],
         )
 
 
@@ -138,7 +142,7 @@ def leading_affine(model):
             output = layer.output
         except (AttributeError, ValueError):  # Called more than once.
             break
-        affine = affine.then(*params, layer.name)
+        affine = affine.then(*params, layer)
         tensor, last = output, layer
     if last is None:
         return None, None
@@ -205,25 +209,41 @@ def describe_input(tflite: bytes, plan: Plan | None = None, info=None) -> dict:
     if plan is not None:
         out["preprocessing"] = {
             "layers": list(plan.affine.layers),
+            "kinds": list(plan.affine.kinds),
             "folded": plan.folded,
+            # Ops the preprocessing runs as on the device (none when folded).
+            "ops": [] if plan.folded else _affine_ops(plan.affine),
             "scale": _plain(plan.affine.scale, plan.folded),
             "offset": _plain(plan.affine.offset, plan.folded),
         }
+    out["feed"] = feed_sentence(out)
+    return out
+
+
+def _affine_ops(affine):
+    return ["MUL", "ADD"] if np.any(affine.offset) else ["MUL"]
+
+
+def feed_sentence(input_report: dict) -> str:
+    """One sentence on what to feed, from `describe_input`'s fields."""
+    dtype, shape = input_report["dtype"], input_report["shape"]
+    low, high = _DTYPE_RANGE[dtype]
+    prep = input_report.get("preprocessing")
     where = ""
-    if plan is not None:
+    if prep:
         how = (
             "folded into this scale and zero point (no op on the device)"
-            if plan.folded
-            else "kept in the model as int8 MUL/ADD ops"
+            if prep["folded"]
+            else f"kept in the model as int8 {'/'.join(prep['ops'])} ops"
         )
-        where = f" The model's {', '.join(plan.affine.layers)} preprocessing is {how}."
-    out["feed"] = (
+        where = f" The model's {', '.join(prep['layers'])} preprocessing is {how}."
+    return (
         f"Feed raw values (before any normalization) as {dtype}, shape {shape}: "
-        f"q = round(raw / {scale:.6g} + {zero:.6g}), clipped to [{low}, {high}]; "
-        f"raw values from {out['raw_min']:.6g} to {out['raw_max']:.6g} are "
-        f"represented without clipping.{where}"
+        f"q = round(raw / {input_report['scale']:.6g} + "
+        f"{input_report['zero_point']:.6g}), clipped to [{low}, {high}]; "
+        f"raw values from {input_report['raw_min']:.6g} to "
+        f"{input_report['raw_max']:.6g} are represented without clipping.{where}"
     )
-    return out
 
 
 def _plain(values, per_tensor):
@@ -236,6 +256,8 @@ def _plain(values, per_tensor):
 def quantize_input(x: np.ndarray, input_report: dict) -> np.ndarray:
     """Raw float values -> the integers the device feeds (as `quantize_input()`
     in the generated `model_data.h`)."""
+    if "dtype" not in input_report:  # Metadata this version cannot read.
+        raise ValueError(input_report.get("feed", "The model's input is unknown."))
     dtype = input_report["dtype"]
     if "scale" not in input_report:
         return np.asarray(x).astype(dtype)

@@ -95,6 +95,19 @@ def rows(report: dict) -> list[tuple[str, str]]:
     ]
     if report.get("input"):  # What the device must feed (preprocessing).
         out.append(("device input", report["input"]["feed"]))
+        entry = report["input"].get("metadata")
+        if entry:
+            out.append(
+                (
+                    "input metadata",
+                    f"{entry['name']} version {entry['version']}"
+                    + (
+                        f", {entry['bytes']} B of JSON in the .tflite"
+                        if "bytes" in entry
+                        else ": not readable by this keras_microtune"
+                    ),
+                )
+            )
     if "arena_bytes" in mem:
         out += [
             ("tensor arena (measured)", _kib(mem["arena_bytes"])),

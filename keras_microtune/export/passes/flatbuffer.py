@@ -4,15 +4,16 @@ Each pass takes the `pipeline.Conversion` and returns what it did (None: not
 applicable). A pass that rewrites the model sets `c.tflite` (or calls
 `c.set_tflite(data, info)` when it already parsed the new bytes); the runner
 records `bytes_before` / `bytes_after`. In order: `check_mcu_ops`, `strip`,
-`compress`, `memory_plan`.
+`compress`, `memory_plan`, `input_metadata`.
 """
 
 from __future__ import annotations
 
 import contextlib
 
-from keras_microtune.export import _tflite, runtimes
+from keras_microtune.export import _tflite, preprocessing, runtimes
 from keras_microtune.export import compression as compression_lib
+from keras_microtune.export import input_metadata as input_metadata_lib
 from keras_microtune.export import memory_plan as memory_plan_lib
 
 # Ops that must never reach a microcontroller model.
@@ -72,6 +73,27 @@ def memory_plan(c):
     if "offline_plan_rejected" in c.memory:
         did["rejected"] = c.memory["offline_plan_rejected"]
     return did
+
+
+def input_metadata(c):
+    """A leading Rescaling/Normalization (`c.prep`): store how raw values are
+    fed in the file itself, as its `keras_microtune.input` metadata entry.
+
+    Last of the flatbuffer passes, so the entry goes into the final bytes.
+    TFLite Micro ignores metadata it does not know: the arena `memory_plan`
+    measured stands (`tests/export/test_input_metadata.py` checks it).
+    """
+    if c.prep is None:
+        return None
+    tflite, info = c.litert_model
+    feed = preprocessing.describe_input(tflite, c.prep, info=info)
+    before = len(c.tflite)
+    c.tflite = input_metadata_lib.write(c.tflite, feed)
+    return {
+        "entry": input_metadata_lib.NAME,
+        "version": input_metadata_lib.VERSION,
+        "added_bytes": len(c.tflite) - before,
+    }
 
 
 @contextlib.contextmanager

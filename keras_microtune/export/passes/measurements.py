@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from keras_microtune.export import _tflite, codegen, preprocessing, runtimes
+from keras_microtune.export import (
+    _tflite,
+    codegen,
+    input_metadata,
+    preprocessing,
+    runtimes,
+)
 from keras_microtune.export import memory_plan as memory_plan_lib
 from keras_microtune.export import parity as parity_lib
 from keras_microtune.export import report as report_lib
@@ -103,8 +109,11 @@ def describe(c):
         "calibration_samples": keras_level.calibration_samples(c),
         "batch_size": 1,
     }
-    tflite, info = c.litert_model
-    c.report["input"] = preprocessing.describe_input(tflite, c.prep, info=info)
+    # Read back from the file when it carries the entry (`input_metadata`).
+    c.report["input"] = input_metadata.read(c.tflite, c.info)
+    if c.report["input"] is None:
+        tflite, info = c.litert_model
+        c.report["input"] = preprocessing.describe_input(tflite, c.prep, info=info)
     return {"input": c.report["input"]["dtype"]}
 
 
