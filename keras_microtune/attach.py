@@ -159,6 +159,8 @@ def attach(
     lora_rank=4,
     train_bias=False,
     train_norm=False,
+    budget=None,
+    data=None,
 ):
     """Plug MicroTune adapters and a task head into a trained model.
 
@@ -213,6 +215,21 @@ def attach(
             layers. BatchNorm stays in inference mode: its moving statistics
             stay frozen and batch statistics are never used. Defaults to
             `False`.
+        budget: int, float or None. With `data`, choose what trains by a
+            contribution analysis instead of `adapters`: an int is a count of
+            trainable parameters (the head included), a float in (0, 1] a
+            fraction of the parameters full fine-tuning would train (every
+            weight but BatchNorm's moving statistics). Candidates are a LoRA
+            update (Keras' `enable_lora`, ranks 1-32) of each frozen
+            Conv/Dense kernel, each depthwise kernel, bias and norm affine
+            pair; each is scored by the first-order loss decrease it allows
+            per parameter (top-r singular values of dL/dW for LoRA, squared
+            gradient norm otherwise) after the new head is fitted on frozen
+            features, then chosen greedily within the budget. The choice is in
+            `kmt.placement_report(model)` and logged (`keras_microtune`
+            logger, INFO). Defaults to `None`.
+        data: tuple `(x, y)` or None. A few labelled batches of the new task
+            (at most 512 samples are used) for `budget`. Defaults to `None`.
 
     Only the chosen LoRA factors, biases and norm parameters of the backbone
     train (`model.trainable_weights` lists exactly them, the adapters and
@@ -251,6 +268,33 @@ def attach(
             "Received an invalid value for `head`, expected None or a Keras layer. "
             f"Received: head of type {type(head).__name__}"
         )
+    if (budget is None) != (data is None):
+        raise ValueError(
+            "`budget` and `data` go together: placement under a budget scores "
+            "the candidates on `data=(x, y)`. Pass both, or neither for the "
+            f"default placement. Received: budget={budget!r}, data "
+            f"{'given' if data is not None else 'None'}"
+        )
+    if budget is not None:
+        if not freeze:
+            raise ValueError(
+                "`budget` chooses what trains in a frozen backbone; it cannot be "
+                "combined with freeze=False. Received: freeze=False"
+            )
+        chosen = {
+            "adapters": adapters not in ("auto", None),
+            "lora": lora is not None,
+            "train_bias": train_bias is not False,
+            "train_norm": train_norm is not False,
+        }
+        if any(chosen.values()):
+            given = [name for name, set_ in chosen.items() if set_]
+            raise ValueError(
+                "`budget` chooses the adapters, biases and norms itself; leave "
+                f"{', '.join(f'`{n}`' for n in given)} at the default. Received: "
+                + ", ".join(f"{n}={locals()[n]!r}" for n in given)
+            )
+        adapters = None
     # Validate the adapter arguments once, before any copying.
     MicroTune(groups=groups, rank=rank)
     replace_head = num_classes is not None or head is not None
@@ -308,7 +352,11 @@ def attach(
     inputs = adapted.inputs[0] if len(adapted.inputs) == 1 else adapted.inputs
     if not replace_head:
         outputs = adapted.outputs[0] if len(adapted.outputs) == 1 else adapted.outputs
-        return keras.Model(inputs, outputs, name=f"{model.name}_microtune")
+        result = keras.Model(inputs, outputs, name=f"{model.name}_microtune")
+        if budget is not None:
+            head_layers = [layer for layer in adapted.layers if layer.trainable]
+            _place(result, None, head_layers, data, budget)
+        return result
 
     features = adapted.outputs[0]
     if old_head:
@@ -320,4 +368,15 @@ def attach(
         outputs = OutputStage(num_classes, name="classifier")(x)
     else:
         outputs = head(features)
-    return keras.Model(inputs, outputs, name=f"{model.name}_microtune")
+    result = keras.Model(inputs, outputs, name=f"{model.name}_microtune")
+    if budget is not None:
+        head_layers = [x for x in result.layers if x not in adapted.layers]
+        _place(result, features, head_layers, data, budget)
+    return result
+
+
+def _place(model, features, head_layers, data, budget):
+    from keras_microtune import placement
+
+    plan = placement.plan_placement(model, features, head_layers, data, budget)
+    placement.apply_plan(model, plan)
