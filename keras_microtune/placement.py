@@ -312,7 +312,8 @@ def apply_plan(model, plan):
         for variable in variables:
             variable.trainable = True
     model._kmt_placement = json.dumps(plan)
-    logger.info("placement: %s", format_plan(plan))
+    if "budget" in plan:
+        logger.info("placement: %s", format_plan(plan))
     return model
 
 
