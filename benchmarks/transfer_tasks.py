@@ -157,11 +157,14 @@ def backbone(name, source):
 
 PRETRAIN_EPOCHS = {
     "digits": 20,
-    "mobilenet": 8,
+    "mobilenet": 12,
     "basicmotions": 60,
     "osuleaf-arrowhead": 40,
     "vowels": 40,
 }
+# BatchNorm's moving statistics (momentum 0.99) need a few hundred steps to
+# forget their initial values; small source sets train longer, in batches of 8.
+MIN_PRETRAIN_STEPS = 350
 
 
 def pretrain(name, data, tiny=False, seed=0):
@@ -175,7 +178,9 @@ def pretrain(name, data, tiny=False, seed=0):
         "sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
-    epochs = 1 if tiny else PRETRAIN_EPOCHS[name]
     x, y = data["source"]
-    history = model.fit(x, y, epochs=epochs, batch_size=32, verbose=0)
+    batch = 32 if len(y) >= 320 else 8
+    steps = -(-len(y) // batch)
+    epochs = max(PRETRAIN_EPOCHS[name], -(-MIN_PRETRAIN_STEPS // steps))
+    history = model.fit(x, y, epochs=1 if tiny else epochs, batch_size=batch, verbose=0)
     return model, float(history.history["accuracy"][-1])

@@ -281,18 +281,21 @@ def attach(
                 "`budget` chooses what trains in a frozen backbone; it cannot be "
                 "combined with freeze=False. Received: freeze=False"
             )
-        chosen = {
-            "adapters": adapters not in ("auto", None),
-            "lora": lora is not None,
-            "train_bias": train_bias is not False,
-            "train_norm": train_norm is not False,
+        given = {
+            name: value
+            for name, value, default in (
+                ("adapters", adapters, "auto"),
+                ("lora", lora, None),
+                ("train_bias", train_bias, False),
+                ("train_norm", train_norm, False),
+            )
+            if value is not default and value is not None
         }
-        if any(chosen.values()):
-            given = [name for name, set_ in chosen.items() if set_]
+        if given:
             raise ValueError(
                 "`budget` chooses the adapters, biases and norms itself; leave "
                 f"{', '.join(f'`{n}`' for n in given)} at the default. Received: "
-                + ", ".join(f"{n}={locals()[n]!r}" for n in given)
+                + ", ".join(f"{n}={v!r}" for n, v in given.items())
             )
         adapters = None
     # Validate the adapter arguments once, before any copying.

@@ -86,8 +86,10 @@ def _walk(model, skip):
         if top in skip or top.trainable:
             continue
         yield top.name, top
+        if isinstance(top, keras.Model):
+            continue  # adapters.apply_placement does not reach into them
         for sub in sublayers(top):
-            yield f"{top.name}/{sub.path.split(top.name + '/', 1)[-1]}", sub
+            yield f"{top.name}/{sub.name}", sub
 
 
 def find_layer(model, key):
@@ -97,7 +99,7 @@ def find_layer(model, key):
     if not rest:
         return layer
     for sub in sublayers(layer):
-        if sub.path.endswith("/" + rest):
+        if sub.name == rest:
             return sub
     raise ValueError(f"No layer {rest!r} inside {top!r} (placement key {key!r}).")
 
@@ -295,34 +297,34 @@ def plan_placement(model, features, head_layers, data, budget, probe=True):
     }
 
 
-def apply_plan(model, plan):
-    """Make the chosen items trainable (LoRA via Keras' `enable_lora`).
-
-    Only variables are switched: their layers stay frozen, so BatchNorm keeps
-    inference mode. A Functional model's `trainable_weights` lists every
-    trainable variable of its layers, frozen layers included.
-    """
+def adapter_plan(plan):
+    """The part of `plan` `keras_microtune.adapters.apply_placement` applies."""
+    out = {"lora": {}, "bias": [], "norm": []}
     for item in plan["chosen"]:
-        layer = find_layer(model, item["layer"])
         if item["kind"] == "lora":
-            layer.enable_lora(item["rank"])
-            variables = [layer.lora_kernel_a, layer.lora_kernel_b]
-        else:
-            variables = _item_vars(layer, item["kind"])
-        for variable in variables:
-            variable.trainable = True
+            out["lora"][item["layer"]] = item["rank"]
+        elif item["kind"] in ("bias", "norm"):
+            out[item["kind"]].append(item["layer"])
+    return out
+
+
+def apply_plan(model, plan):
+    """Make the chosen items trainable, in place; record the plan on `model`.
+
+    LoRA, biases and norms go through `adapters.apply_placement` (Keras'
+    `enable_lora`; layers stay frozen, so BatchNorm keeps inference mode);
+    a chosen depthwise kernel is flagged trainable itself.
+    """
+    from keras_microtune.adapters import apply_placement
+
+    apply_placement(model, adapter_plan(plan))
+    for item in plan["chosen"]:
+        if item["kind"] == "kernel":
+            find_layer(model, item["layer"]).kernel.trainable = True
     model._kmt_placement = json.dumps(plan)
     if "budget" in plan:
         logger.info("placement: %s", format_plan(plan))
     return model
-
-
-def _item_vars(layer, kind):
-    if kind == "bias":
-        return [layer.bias]
-    if kind == "kernel":
-        return [layer.kernel]
-    return [v for v in (layer.gamma, layer.beta) if v is not None]
 
 
 def format_plan(plan):

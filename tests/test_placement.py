@@ -131,5 +131,12 @@ def test_invalid_arguments(cnn):
         kmt.attach(model, num_classes=3, budget=100, data=(x[:, :8], y))
     with pytest.raises(ValueError, match="expected integer classes in \\[0, 2\\]"):
         kmt.attach(model, num_classes=3, budget=100, data=(x, y))
-    with pytest.raises(ValueError, match="leave `adapters` at its default"):
-        kmt.attach(model, num_classes=3, adapters=["block1"], budget=100, data=(x, y))
+    with pytest.raises(ValueError, match="leave `adapters`, `train_bias` at the"):
+        kmt.attach(
+            model,
+            num_classes=3,
+            adapters=["block1"],
+            train_bias=True,
+            budget=100,
+            data=(x, y),
+        )
