@@ -243,7 +243,7 @@ def run(tiny=False, task_names=tasks.TASKS, methods=METHODS):
                     row = _child(task, method, path, epochs, seeds)
                 rows.append(row)
                 print(
-                    f"# {task} {method}: {row['accuracy']}", file=sys.stderr, flush=True
+                    f"# {task} {method}: {json.dumps(row)}", file=sys.stderr, flush=True
                 )
     return rows, backbones
 
