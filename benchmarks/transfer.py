@@ -370,6 +370,11 @@ def main(argv=None):
     )
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     parser.add_argument("--json", help="also write rows and reading to this file")
+    parser.add_argument(
+        "--combine",
+        nargs="*",
+        help="print the table of earlier --json files (e.g. one per task)",
+    )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--backbone", help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=EPOCHS, help=argparse.SUPPRESS)
@@ -383,7 +388,16 @@ def main(argv=None):
         return
     args.tasks = args.tasks or (["digits"] if args.tiny else list(tasks.TASKS))
     start = time.perf_counter()
-    rows, backbones = run(args.tiny, args.tasks, args.methods)
+    if args.combine:
+        rows, backbones = [], {}
+        for path in args.combine:
+            with open(path) as f:
+                saved = json.load(f)
+            rows += saved["rows"]
+            backbones.update(saved["backbones"])
+        args.tasks = [t for t in tasks.TASKS if t in backbones]
+    else:
+        rows, backbones = run(args.tiny, args.tasks, args.methods)
     text, summary = table(rows, backbones)
     read = reading(summary)
     print(text)
