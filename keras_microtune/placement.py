@@ -338,16 +338,72 @@ def format_plan(plan):
     )
 
 
+def _observed(model):
+    """What trains in `model` now, read from its layers and variables."""
+    chosen = []
+    for top in model.layers:
+        leaves = [] if isinstance(top, keras.Model) else sublayers(top)
+        for key, layer in [(top.name, top)] + [
+            (f"{top.name}/{x.name}", x) for x in leaves
+        ]:
+            own = layer._trainable_variables + layer._non_trainable_variables
+            if getattr(layer, "lora_enabled", False):
+                chosen.append(
+                    {
+                        "layer": key,
+                        "kind": "lora",
+                        "rank": layer.lora_rank,
+                        "params": _size(layer.lora_kernel_a)
+                        + _size(layer.lora_kernel_b),
+                    }
+                )
+            for kind, names in (
+                ("kernel", ("kernel",)),
+                ("bias", ("bias",)),
+                ("norm", ("gamma", "beta")),
+            ):
+                size = sum(_size(v) for v in own if v.trainable and v.name in names)
+                if size:
+                    chosen.append(
+                        {"layer": key, "kind": kind, "rank": None, "params": size}
+                    )
+    total = sum(_size(v) for v in model.trainable_weights)
+    return {"trainable_params": total, "chosen": chosen, "recorded": False}
+
+
 def placement_report(model):
-    """The placement attach() chose for `model` (dict), or None.
+    """What trains in a model from `kmt.attach()`, and why (a dict).
+
+    For `attach(..., budget=..., data=...)` this is the recorded plan (not
+    saved in `.keras` files): `budget`, `full_params`, `head_params`,
+    `trainable_params`, `samples` and `chosen`, one entry per item
+    (`layer`, `kind` in "lora"/"kernel"/"bias"/"norm", `rank`, `params`, and
+    `gain`, its first-order loss decrease). For any other model (the default
+    placement, a reloaded one) it is read from the model's layers:
+    `trainable_params` and `chosen` (every layer with LoRA or trainable
+    kernels, biases or norms, the head included), with `recorded: False`.
 
     Args:
-        model: keras.Model returned by `kmt.attach(..., budget=..., data=...)`.
+        model: keras.Model, typically returned by `kmt.attach`.
 
     Returns:
-        dict with `budget`, `head_params`, `trainable_params`, `samples` and
-        `chosen`: one entry per trained item (`layer`, `kind` in
-        "lora"/"kernel"/"bias"/"norm", `rank`, `params`, `gain`).
+        dict.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> import keras_microtune as kmt
+    >>> backbone = keras.Sequential([
+    ...     keras.Input((16, 3)),
+    ...     kmt.layers.FeatureStage([8, 16], name="features"),
+    ...     kmt.layers.EmbeddingStage(),
+    ...     kmt.layers.OutputStage(5),
+    ... ])
+    >>> x = np.random.default_rng(0).normal(size=(32, 16, 3)).astype("float32")
+    >>> y = np.arange(32) % 3
+    >>> model = kmt.attach(backbone, num_classes=3, budget=200, data=(x, y))
+    >>> kmt.placement_report(model)["trainable_params"] <= 200
+    True
     """
     text = getattr(model, "_kmt_placement", None)
-    return None if text is None else json.loads(text)
+    return _observed(model) if text is None else json.loads(text)

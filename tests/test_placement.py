@@ -140,3 +140,16 @@ def test_invalid_arguments(cnn):
             budget=100,
             data=(x, y),
         )
+
+
+def test_report_reads_the_default_placement_from_the_model(cnn):
+    model, _, _ = cnn
+    attached = kmt.attach(model, num_classes=3)
+    report = kmt.placement_report(attached)
+    assert report["recorded"] is False
+    total = _count(attached.trainable_weights)
+    assert report["trainable_params"] == total
+    assert sum(c["params"] for c in report["chosen"]) == total
+    lora = {c["layer"]: c["rank"] for c in report["chosen"] if c["kind"] == "lora"}
+    assert lora == {"block1/stem_conv": 4, "block1/block0_pw": 4, "block2/block0_pw": 4}
+    assert {"bias", "norm", "kernel"} <= {c["kind"] for c in report["chosen"]}
