@@ -22,6 +22,7 @@ _LAZY = {
     "targets": ("keras_microtune.export.targets", None),
     "data": ("keras_microtune.data", None),
     "losses": ("keras_microtune.losses", None),
+    "placement_report": ("keras_microtune.placement", "placement_report"),
 }
 
 

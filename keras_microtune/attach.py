@@ -34,6 +34,7 @@ BLOCK_END_TYPES = (
 AUTO_ADAPTERS = 2
 AUTO_MAX_WIDTH = 256
 AUTO_FALLBACK_RANK = 8
+DEFAULT_GROUPS = 4
 
 
 def _is_graph_model(model):
@@ -151,8 +152,8 @@ def _resolve_adapters(adapters, model, head):
 def attach(
     model,
     num_classes=None,
-    adapters="auto",
-    groups=4,
+    adapters="default",
+    groups=None,
     rank=None,
     freeze=True,
     head=None,
@@ -160,17 +161,32 @@ def attach(
     lora_rank=4,
     train_bias=False,
     train_norm=False,
+    budget=None,
+    data=None,
 ):
-    """Plug MicroTune adapters and a task head into a trained model.
+    """Plug adapters and a task head into a trained model.
 
     Returns a new Functional model; `model` itself is not modified. The
-    backbone is copied with its weights, frozen (BatchNorm then runs in
-    inference mode), `MicroTune` adapters are inserted after the chosen
-    layers, and the head is replaced when `num_classes` or `head` is given.
-    Because the adapters' residual branch starts at zero, the attached
-    model computes the same features as `model` until it is trained.
+    backbone is copied with its weights and frozen (BatchNorm then runs in
+    inference mode), adapters are placed, and the head is replaced when
+    `num_classes` or `head` is given. Every adapter starts as the identity,
+    so the attached model computes the same features as `model` until it is
+    trained.
 
-    Adapter placement with `adapters="auto"`: after the last two top-level
+    Default placement (`adapters="default"` and none of `groups`, `rank`,
+    `lora`, `train_bias`, `train_norm`, `budget` given, `freeze=True`): a Keras LoRA
+    update of rank `lora_rank` on every Dense/Conv kernel of the last two
+    layers before the head that have one (`lora="auto"`), every bias and
+    BatchNorm/LayerNorm affine parameter of the backbone
+    (`train_bias=True, train_norm=True`), and the head. It is what did best
+    across the transfer suite (`benchmarks/transfer.py`); LoRA merges into
+    the kernels at export, so the deployed model is the backbone's size.
+    A backbone without such kernels (e.g. a nested backbone model) gets
+    `adapters="auto"` instead. With `budget` and `data`, a contribution
+    analysis on the data chooses instead (see `budget`).
+
+    `MicroTune` placement with `adapters="auto"` (also implied by giving
+    `groups` or `rank` alone): after the last two top-level
     layers before the head that end a feature block (ReLU/Activation, Add,
     Concatenate, FeatureStage, or a nested backbone model) and are at most
     256 channels wide; `groups` is reduced to `gcd(groups, width)` there. When
@@ -186,9 +202,14 @@ def attach(
     Args:
         model: keras.Model. A built Sequential or Functional model.
         num_classes: int or None. Classes of the new task. Defaults to `None`.
-        adapters: "auto", None, a layer name, or a list of layer names.
-            Defaults to `"auto"`.
-        groups: int. `MicroTune` groups. Defaults to `4`.
+        adapters: "default", "auto", None, a layer name, or a list of layer
+            names: where `MicroTune` adapters go. "default": the default
+            placement above (LoRA, no MicroTune), or `"auto"` when `groups`
+            or `rank` is given, or nothing when `lora`, `train_bias` or
+            `train_norm` is. None: no MicroTune (head only unless other
+            arguments add something). Defaults to `"default"`.
+        groups: int or None. `MicroTune` groups; None means 4. Defaults to
+            `None`.
         rank: int or None. `MicroTune` rank. Defaults to `None`.
         freeze: bool. Freeze the backbone. Defaults to `True`.
         head: keras.layers.Layer or None. A custom head applied to the
@@ -214,6 +235,21 @@ def attach(
             layers. BatchNorm stays in inference mode: its moving statistics
             stay frozen and batch statistics are never used. Defaults to
             `False`.
+        budget: int, float or None. With `data`, choose what trains by a
+            contribution analysis instead of `adapters`: an int is a count of
+            trainable parameters (the head included), a float in (0, 1] a
+            fraction of the parameters full fine-tuning would train (every
+            weight but BatchNorm's moving statistics). Candidates are a LoRA
+            update (Keras' `enable_lora`, ranks 1-32) of each frozen
+            Conv/Dense kernel, each depthwise kernel, bias and norm affine
+            pair; each is scored by the first-order loss decrease it allows
+            per parameter (top-r singular values of dL/dW for LoRA, squared
+            gradient norm otherwise) after the new head is fitted on frozen
+            features, then chosen greedily within the budget. The choice is in
+            `kmt.placement_report(model)` and logged (`keras_microtune`
+            logger, INFO). Defaults to `None`.
+        data: tuple `(x, y)` or None. A few labelled batches of the new task
+            (at most 512 samples are used) for `budget`. Defaults to `None`.
 
     Only the chosen LoRA factors, biases and norm parameters of the backbone
     train (`model.trainable_weights` lists exactly them, the adapters and
@@ -254,6 +290,51 @@ def attach(
             "Received an invalid value for `head`, expected None or a Keras layer. "
             f"Received: head of type {type(head).__name__}"
         )
+    if (budget is None) != (data is None):
+        raise ValueError(
+            "`budget` and `data` go together: placement under a budget scores "
+            "the candidates on `data=(x, y)`. Pass both, or neither for the "
+            f"default placement. Received: budget={budget!r}, data "
+            f"{'given' if data is not None else 'None'}"
+        )
+    if budget is not None:
+        if not freeze:
+            raise ValueError(
+                "`budget` chooses what trains in a frozen backbone; it cannot be "
+                "combined with freeze=False. Received: freeze=False"
+            )
+        given = {
+            name: value
+            for name, value, default in (
+                ("adapters", adapters, "default"),
+                ("groups", groups, None),
+                ("rank", rank, None),
+                ("lora", lora, None),
+                ("train_bias", train_bias, False),
+                ("train_norm", train_norm, False),
+            )
+            if value is not default and value is not None
+        }
+        if given:
+            raise ValueError(
+                "`budget` chooses the adapters, biases and norms itself; leave "
+                f"{', '.join(f'`{n}`' for n in given)} at the default. Received: "
+                + ", ".join(f"{n}={v!r}" for n, v in given.items())
+            )
+    default_placement = (
+        adapters == "default"
+        and freeze
+        and budget is None
+        and groups is None
+        and rank is None
+        and lora is None
+        and train_bias is False
+        and train_norm is False
+    )
+    if adapters == "default":
+        # MicroTune's arguments alone ask for MicroTune, as before.
+        adapters = "auto" if groups is not None or rank is not None else None
+    groups = DEFAULT_GROUPS if groups is None else groups
     # Validate the adapter arguments once, before any copying.
     MicroTune(groups=groups, rank=rank)
     replace_head = num_classes is not None or head is not None
@@ -266,19 +347,32 @@ def attach(
 
     base = _as_functional(model)
     old_head = _head_layers(base)
+    body_names = [
+        x.name
+        for x in base.layers
+        if x not in old_head and not isinstance(x, keras.layers.InputLayer)
+    ]
+    if default_placement:
+        placement = resolve_placement(
+            base,
+            body_names,
+            lora="auto",
+            lora_rank=lora_rank,
+            train_bias=True,
+            train_norm=True,
+        )
+        if not placement["lora"]:  # e.g. a nested backbone model
+            adapters, placement = "auto", {"lora": {}, "bias": [], "norm": []}
+    else:
+        placement = resolve_placement(
+            base,
+            body_names,
+            lora=lora,
+            lora_rank=lora_rank,
+            train_bias=train_bias,
+            train_norm=train_norm,
+        )
     names, ranks = _resolve_adapters(adapters, base, old_head)
-    placement = resolve_placement(
-        base,
-        [
-            x.name
-            for x in base.layers
-            if x not in old_head and not isinstance(x, keras.layers.InputLayer)
-        ],
-        lora=lora,
-        lora_rank=lora_rank,
-        train_bias=train_bias,
-        train_norm=train_norm,
-    )
     auto = adapters == "auto"
     outputs_by_name = {}
 
@@ -311,7 +405,11 @@ def attach(
     inputs = adapted.inputs[0] if len(adapted.inputs) == 1 else adapted.inputs
     if not replace_head:
         outputs = adapted.outputs[0] if len(adapted.outputs) == 1 else adapted.outputs
-        return PrefixCacheModel(inputs, outputs, name=f"{model.name}_microtune")
+        result = PrefixCacheModel(inputs, outputs, name=f"{model.name}_microtune")
+        if budget is not None:
+            head_layers = [layer for layer in adapted.layers if layer.trainable]
+            _place(result, None, head_layers, data, budget)
+        return result
 
     features = adapted.outputs[0]
     if old_head:
@@ -323,4 +421,15 @@ def attach(
         outputs = OutputStage(num_classes, name="classifier")(x)
     else:
         outputs = head(features)
-    return PrefixCacheModel(inputs, outputs, name=f"{model.name}_microtune")
+    result = PrefixCacheModel(inputs, outputs, name=f"{model.name}_microtune")
+    if budget is not None:
+        head_layers = [x for x in result.layers if x not in adapted.layers]
+        _place(result, features, head_layers, data, budget)
+    return result
+
+
+def _place(model, features, head_layers, data, budget):
+    from keras_microtune import placement
+
+    plan = placement.plan_placement(model, features, head_layers, data, budget)
+    placement.apply_plan(model, plan)

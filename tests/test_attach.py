@@ -58,7 +58,7 @@ def test_outputs_unchanged_before_training_and_input_not_mutated(make, shape, rn
     flags = [layer.trainable for layer in model.layers]
     n_layers = len(model.layers)
 
-    adapted = kmt.attach(model)
+    adapted = kmt.attach(model, adapters="auto")
     assert any(isinstance(layer, kmt.MicroTune) for layer in adapted.layers)
     np.testing.assert_array_equal(adapted.predict(x, verbose=0), before)
     # the input model is untouched
@@ -72,7 +72,7 @@ def test_outputs_unchanged_before_training_and_input_not_mutated(make, shape, rn
 def test_new_head_and_features_equal_the_original(rng):
     model = _functional_cnn()
     x = rng.normal(size=(3, 12, 12, 3)).astype("float32")
-    adapted = kmt.attach(model, num_classes=7)
+    adapted = kmt.attach(model, num_classes=7, adapters="auto")
     assert adapted.output_shape == (None, 7)
     reference = keras.Model(model.inputs, model.get_layer("relu2").output)
     np.testing.assert_array_equal(
@@ -85,7 +85,7 @@ def test_new_head_and_features_equal_the_original(rng):
 
 def test_backbone_frozen_adapters_and_head_train(rng):
     model = _functional_cnn()
-    adapted = kmt.attach(model, num_classes=3)
+    adapted = kmt.attach(model, num_classes=3, adapters="auto")
     x = rng.normal(size=(32, 12, 12, 3)).astype("float32")
     y = rng.integers(0, 3, size=32)
     frozen = {
@@ -157,7 +157,7 @@ def test_nested_backbone_and_custom_head(rng):
 
 def test_mobilenet_v2_trainable_fraction(rng):
     model = _mobilenet()
-    adapted = kmt.attach(model, num_classes=4)
+    adapted = kmt.attach(model, num_classes=4, adapters="auto")
     trainable = _trainable_count(adapted)
     fraction = trainable / model.count_params()
     assert fraction < 0.05, (trainable, fraction)
@@ -169,3 +169,32 @@ def test_mobilenet_v2_trainable_fraction(rng):
         _features(adapted, x), reference.predict(x, verbose=0)
     )
     adapted.summary(print_fn=lambda *a, **k: None)
+
+
+def test_default_placement_lora_bias_norm_and_identity(rng):
+    model = _functional_cnn()
+    x = rng.normal(size=(16, 12, 12, 3)).astype("float32")
+    adapted = kmt.attach(model, num_classes=3)
+    assert not any(isinstance(layer, kmt.MicroTune) for layer in adapted.layers)
+    # lora="auto": the last two layers with kernels before the head (both convs).
+    convs = [x for x in adapted.layers if isinstance(x, keras.layers.Conv2D)]
+    assert len(convs) == 2 and all(x.lora_enabled and x.lora_rank == 4 for x in convs)
+    bn = next(
+        x for x in adapted.layers if isinstance(x, keras.layers.BatchNormalization)
+    )
+    trainable = {id(v) for v in adapted.trainable_weights}
+    assert {id(bn.gamma), id(bn.beta)} <= trainable
+    assert not {id(bn.moving_mean), id(bn.moving_variance)} & trainable
+    # LoRA A, B of both convs, their biases, BN gamma/beta, the 8 -> 3 head.
+    lora = (3 * 3 * 3 * 4 + 4 * 8) + (3 * 3 * 8 * 4 + 4 * 8)
+    assert _trainable_count(adapted) == lora + 2 * 8 + 2 * 8 + (8 * 3 + 3)
+    reference = keras.Model(model.inputs, model.get_layer("relu2").output)
+    np.testing.assert_allclose(
+        _features(adapted, x), reference.predict(x, verbose=0), atol=1e-6
+    )
+    # groups alone still asks for MicroTune, as before.
+    grouped = kmt.attach(model, num_classes=3, groups=2)
+    assert [x.name for x in grouped.layers if isinstance(x, kmt.MicroTune)] == [
+        "add1_microtune",
+        "relu2_microtune",
+    ]

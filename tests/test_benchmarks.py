@@ -5,6 +5,7 @@ Timing is not asserted: the machines are shared. The scripts run as
 runs them.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -86,11 +87,23 @@ def test_quantization_table():
         assert len(_table_rows(out, name)) == 1, out
 
 
-@pytest.mark.slow
-def test_finetune_table():
-    out = _run("benchmarks.finetune", "--tiny")
-    for method in ("head", "bias+head", "microtune", "full"):
-        assert len(_table_rows(out, method + " ")) == 1, out
+def test_transfer_table(tmp_path):
+    from benchmarks.transfer import METHODS
+
+    path = tmp_path / "rows.json"
+    out = _run("benchmarks.transfer", "--tiny", "--json", path)
+    for method in METHODS:
+        (row,) = _table_rows(out, f"digits | {method} |")
+        assert row.count("|") == 9 and " ± " in row, row
+        assert len(_table_rows(out, f"suite average | {method} |")) == 1, out
+    assert "Targets for `attach()`" in out
+    rows = json.loads(path.read_text())["rows"]
+    by_method = {r["method"]: r for r in rows}
+    full = by_method["full"]
+    # Counted from model.trainable_weights: fewer than full fine-tuning.
+    for method in ("head", "bias+norm", "budget"):
+        assert 0 < by_method[method]["trainable"] < full["trainable"], method
+    assert all(0 <= a <= 1 for r in rows for a in r["accuracy"])
 
 
 @pytest.mark.slow
