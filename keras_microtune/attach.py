@@ -6,6 +6,7 @@ import keras
 
 from keras_microtune.adapters import apply_placement, resolve_placement
 from keras_microtune.layers import EmbeddingStage, FeatureStage, MicroTune, OutputStage
+from keras_microtune.optimize.graph import is_graph_model
 from keras_microtune.training import PrefixCacheModel
 
 # Layers that make up a classifier head when they close a model.
@@ -37,24 +38,13 @@ AUTO_FALLBACK_RANK = 8
 DEFAULT_GROUPS = 4
 
 
-def _is_graph_model(model):
-    """True for Sequential and Functional models (those with a layer graph)."""
-    if isinstance(model, keras.Sequential):
-        return True
-    try:
-        config = model.get_config()
-    except NotImplementedError:
-        return False
-    return isinstance(config, dict) and "input_layers" in config
-
-
 def _check_model(model):
     if not isinstance(model, keras.Model):
         raise TypeError(
             "attach() expects a keras.Model (Sequential or Functional). "
             f"Received: model of type {type(model).__name__}"
         )
-    if not _is_graph_model(model):
+    if not is_graph_model(model):
         raise TypeError(
             "attach() supports Sequential and Functional models (including a "
             "backbone model used as a layer inside a Functional model). "

@@ -49,6 +49,7 @@ PASSES = (
     # Keras level (passes/keras_level.py): the model as Keras sees it.
     keras_level.load,
     keras_level.strip_pruning,
+    keras_level.merge_adapters,
     keras_level.plan_preprocessing,
     keras_level.trace,
     keras_level.detect_qat,

@@ -11,6 +11,17 @@ kernel under a 0/1 mask (`MaskConstraint`). It imports none of them.
 import keras
 
 
+def is_graph_model(model):
+    """True for Sequential and Functional models (those with a layer graph)."""
+    if isinstance(model, keras.Sequential):
+        return True
+    try:
+        config = model.get_config()
+    except NotImplementedError:
+        return False
+    return isinstance(config, dict) and "input_layers" in config
+
+
 def check_model(model, name):
     """Raise unless `model` is a built Keras model with known inputs.
 

@@ -15,6 +15,7 @@ import numpy as np
 from keras import ops
 
 from keras_microtune.layers import MicroTune
+from keras_microtune.optimize import graph
 from keras_microtune.optimize.quantize_conv import kind_of
 
 FOLD_KINDS = ("conv", "dense")
@@ -99,7 +100,9 @@ def _fold_into(layer, adapter):
 
 def _own_nodes(model, layer):
     """The nodes of `layer` in `model`'s graph (layers can be shared)."""
-    own = set(model._nodes)
+    # A built Sequential keeps its graph in the Functional model it wraps.
+    graph_model = getattr(model, "_functional", None) or model
+    own = set(graph_model._nodes)
     return [
         node
         for index, node in enumerate(layer._inbound_nodes)
@@ -195,9 +198,7 @@ def merge_report(model):
 
 
 def _check(model):
-    if not isinstance(model, keras.Model) or not (
-        isinstance(model, keras.Sequential) or "input_layers" in model.get_config()
-    ):
+    if not isinstance(model, keras.Model) or not graph.is_graph_model(model):
         raise TypeError(
             "merge_adapters() expects a Sequential or Functional keras.Model. "
             f"Received: model of type {type(model).__name__}"

@@ -100,6 +100,31 @@ def test_merged_model_converts_to_the_backbones_ops_and_size(trained_stages):
     assert ours.arena_bytes == base.arena_bytes
 
 
+def test_convert_merges_adapters_itself_and_reports_it(trained_stages, rng):
+    plain, adapted, x, _ = trained_stages
+    merged = kmt.optimize.merge_adapters(adapted)
+    ours, direct = (
+        kmt.convert(m, "mcu", representative_data=x, verbose=0)
+        for m in (merged, adapted)
+    )
+    assert direct.tflite == ours.tflite
+    (entry,) = [p for p in direct.report["passes"] if p["name"] == "merge_adapters"]
+    assert entry["adapters"] == kmt.optimize.merge_report(adapted)
+    assert "merge_adapters" not in [p["name"] for p in ours.report["passes"]]
+    # MicroTune after a ReLU cannot fold: it stays, and the report says why.
+    backbone = _stages()
+    x2, _ = _data(backbone, rng, 8)
+    kept = kmt.convert(
+        kmt.attach(backbone, num_classes=3, adapters="auto", groups=2),
+        "mcu",
+        representative_data=x2,
+        verbose=0,
+    )
+    (entry,) = [p for p in kept.report["passes"] if p["name"] == "merge_adapters"]
+    assert entry["adapters"] and not any(r["merged"] for r in entry["adapters"])
+    assert all(r["form"] == "microtune" and r["reason"] for r in entry["adapters"])
+
+
 def test_functional_cnn_lora_and_microtune_folds(rng):
     backbone = _cnn()
     x, y = _data(backbone, rng)

@@ -1,7 +1,8 @@
 """Keras-level passes: the model as Keras sees it, before TFLite conversion.
 
 Each pass takes the `pipeline.Conversion` and returns what it did (None: not
-applicable). In order: `load`, `strip_pruning`, `plan_preprocessing`,
+applicable). In order: `load`, `strip_pruning`, `merge_adapters`,
+`plan_preprocessing`,
 `trace`, `detect_qat`, `data_to_arrays`.
 """
 
@@ -34,6 +35,25 @@ def strip_pruning(c):
     c.pruning_stripped = stripped is not c.source
     c.source = stripped
     return {"pruning_wrappers_stripped": c.pruning_stripped}
+
+
+def merge_adapters(c):
+    """Fold adapters that are linear in a kernel (LoRA, MicroTune after a
+    linear layer) into that kernel (`kmt.optimize.merge_adapters`), so the
+    deployed model has the backbone's ops and size; the report lists each
+    adapter, whether it merged, and why not."""
+    import keras
+
+    from keras_microtune.optimize import graph, merge
+
+    if not isinstance(c.source, keras.Model) or not graph.is_graph_model(c.source):
+        return None  # tf_keras, subclassed models and SavedModels: as they are.
+    rows = merge.merge_report(c.source)
+    if not rows:
+        return None
+    if any(row["merged"] for row in rows):
+        c.source = merge.merge_adapters(c.source)
+    return {"adapters": rows}
 
 
 def plan_preprocessing(c):
