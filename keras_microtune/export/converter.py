@@ -58,6 +58,7 @@ PASSES = (
     convert_to_tflite,
     # Flatbuffer passes (passes/flatbuffer.py): check and rewrite the .tflite.
     flatbuffer.check_mcu_ops,
+    flatbuffer.check_softmax_scale,
     flatbuffer.strip,
     flatbuffer.compress,
     flatbuffer.memory_plan,
