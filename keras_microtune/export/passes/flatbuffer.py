@@ -3,7 +3,8 @@
 Each pass takes the `pipeline.Conversion` and returns what it did (None: not
 applicable). A pass that rewrites the model sets `c.tflite` (or calls
 `c.set_tflite(data, info)` when it already parsed the new bytes); the runner
-records `bytes_before` / `bytes_after`. In order: `check_mcu_ops`, `strip`,
+records `bytes_before` / `bytes_after`. In order: `check_mcu_ops`,
+`patch_inference`, `strip`,
 `compress`, `memory_plan`, `input_metadata`.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 
-from keras_microtune.export import _tflite, preprocessing, runtimes
+from keras_microtune.export import _tflite, patching, preprocessing, runtimes
 from keras_microtune.export import compression as compression_lib
 from keras_microtune.export import input_metadata as input_metadata_lib
 from keras_microtune.export import memory_plan as memory_plan_lib
@@ -32,6 +33,25 @@ def check_mcu_ops(c):
         return None
     check_ops(c.info, c.target, c.options["input_type"], c.converted_model)
     return {"ops_checked": len(c.info.ops)}
+
+
+def patch_inference(c):
+    """`patch_inference=...`: compute the first stage patch by patch
+    (`patching.apply`; before `strip`, which drops the layer names it reads)."""
+    spec = c.options.get("patch_inference")
+    if spec is None:
+        return None
+    names = [layer.name for layer in getattr(c.converted_model, "layers", [])]
+    try:
+        with cannot_run(c.info):
+            tflite, report = patching.apply(c.tflite, c.info, spec, names)
+    except patching.PatchError as e:
+        raise ValueError(f"patch_inference={spec}: {e}") from None
+    if tflite is not c.tflite:
+        c.tflite = tflite
+    c.report["patch_inference"] = report
+    keys = ("applied", "until", "grid", "arena_bytes_before", "arena_bytes_after")
+    return {k: report[k] for k in keys if k in report}
 
 
 def strip(c):
