@@ -674,19 +674,24 @@ def estimate(unpatched, patched, tail_bytes) -> int:
 
 
 def _measure(data):
+    """TFLite Micro's arena for `data` as `convert` delivers it: with the
+    offline memory plan when that lowers it (`memory_plan.apply`)."""
+    from keras_microtune.export import memory_plan
+
     info = _tflite.parse(data)
-    arena = runtimes.measure_arena(
-        data, _tflite.activation_lower_bound(info), info=info
-    )
+    lower = _tflite.activation_lower_bound(info)
+    _, _, arena, _ = memory_plan.apply(data, info, lower)
     return arena["arena_bytes"], arena
 
 
 def apply(tflite: bytes, info, spec: dict, layer_names=(), timing_repeats=20):
     """Patch `tflite` (converted, names kept) as `spec` (`check_option`) asks.
 
-    Arenas are measured in TFLite Micro on stripped copies; with `"auto"`
-    the best estimated candidates under the MAC cap are measured and the
-    smallest is kept, or none when none is below the unpatched arena.
+    Arenas are measured in TFLite Micro on stripped copies, each with the
+    offline memory plan when it helps (as `convert` delivers them, before
+    compression); with `"auto"` the best estimated candidates under the MAC
+    cap are measured and the smallest is kept, or none when none is below the
+    unpatched arena.
 
     Returns:
         (tflite, report): the patched model (or `tflite` itself when "auto"
@@ -783,10 +788,10 @@ def apply(tflite: bytes, info, spec: dict, layer_names=(), timing_repeats=20):
             for t in unpatched.inputs
         ]
         after_s, before_s = runtimes.tflm_invoke_times(
-            best["data"],
-            best["arena_bytes"],
+            best["data"],  # Without a plan: twice the planned arena is room.
+            2 * best["arena_bytes"],
             stripped,
-            before,
+            2 * before,
             zeros,
             repeats=timing_repeats,
         )
@@ -811,3 +816,23 @@ def _narrow(info, candidates, limit=12):
         if first or narrow:
             picked.append(st)
     return picked[:limit]
+
+
+def rows(report: dict) -> list[tuple[str, str]]:
+    """Report table rows for `report["patch_inference"]` (none without it)."""
+    rep = report.get("patch_inference")
+    if not rep:
+        return []
+    if not rep["applied"]:
+        return [("patch inference", f"not applied: {rep['reason']}")]
+    timing = rep.get("invoke_time_ratio")
+    return [
+        (
+            "patch inference",
+            f"stage until {rep['until'] or 'op'} {rep['split_shape']}, grid "
+            f"{rep['grid'][0]}x{rep['grid'][1]}: arena {rep['arena_bytes_before']:,}"
+            f" -> {rep['arena_bytes_after']:,} B ({rep['arena_ratio']:.2f}x), "
+            f"MACs +{100 * rep['mac_overhead']:.1f}%"
+            + (f", TFLite Micro invoke time {timing:.2f}x" if timing else ""),
+        )
+    ]
