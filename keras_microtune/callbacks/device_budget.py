@@ -61,11 +61,12 @@ class DeviceBudget(keras.callbacks.Callback):
         patch_inference=None,
     ):
         super().__init__()
-        from keras_microtune.export import patching, targets
+        from keras_microtune.export import patch_inference as patch_lib
+        from keras_microtune.export import targets
 
         self.target = targets.get(target)
         self.patch_inference = patch_inference
-        patching.check_option(patch_inference, self.target)  # Fail before fit.
+        patch_lib.check_option(patch_inference, self.target)  # Fail before fit.
         if representative_data is None:
             raise ValueError(
                 "Received an invalid value for `representative_data`, expected "

@@ -13,7 +13,8 @@ import os
 import re
 
 from keras_microtune.export import compression as compression_lib
-from keras_microtune.export import patching, pipeline, preprocessing
+from keras_microtune.export import patch_inference as patch_lib
+from keras_microtune.export import pipeline, preprocessing
 from keras_microtune.export import targets as targets_lib
 from keras_microtune.export.passes import flatbuffer, keras_level, measurements
 from keras_microtune.export.result import (  # noqa: F401 - import paths kept
@@ -145,7 +146,7 @@ def convert(
         "strict": strict,
         "safe_mode": safe_mode,
         "verbose": verbose,
-        "patch_inference": patching.check_option(patch_inference, target),
+        "patch_inference": patch_lib.check_option(patch_inference, target),
     }
     c = pipeline.run(pipeline.Conversion(model, target, options), PASSES)
     c.report["passes"] = c.passes

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import keras_microtune as kmt
-from keras_microtune.export import _tflite, patching, runtimes, targets
+from keras_microtune.export import _tflite, patch_inference, patching, runtimes, targets
 
 SPEC = {"until": "pool", "grid": (2, 2)}
 # RAM between the patched and the unpatched arena of the model below (measured
@@ -135,7 +135,7 @@ def test_float_rewrite_outputs_equal_exactly(cnn, float_tflite):
     model, x = cnn
     info = _tflite.parse(float_tflite)
     names = [layer.name for layer in model.layers]
-    split = patching.find_split(info, "pool", names)
+    split = patch_inference.find_split(info, "pool", names)
     data = patching.rewrite(float_tflite, patching.stage(info, split), (3, 2))
     for reference in (True, False):
         np.testing.assert_array_equal(
@@ -167,15 +167,15 @@ def test_unsupported_layer_is_named(cnn, float_tflite):
     model, _ = cnn
     info = _tflite.parse(float_tflite)
     names = [layer.name for layer in model.layers]
-    describe = patching.describe_ops(info, names)
-    split = patching.find_split(info, "gap", names)
+    describe = patch_inference.describe_ops(info, names)
+    split = patch_inference.find_split(info, "gap", names)
     with pytest.raises(patching.PatchError, match=r"layer 'gap'.*MEAN.*not support"):
         patching.stage(info, split, describe)
-    inside = patching.find_split(info, "r2", names)
+    inside = patch_inference.find_split(info, "r2", names)
     with pytest.raises(patching.PatchError, match="skip connection crosses"):
         patching.stage(info, inside, describe)
     with pytest.raises(ValueError, match="has no layer 'nope'"):
-        patching.find_split(info, "nope", names)
+        patch_inference.find_split(info, "nope", names)
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from keras_microtune.export import _tflite, patching, preprocessing, runtimes
 from keras_microtune.export import compression as compression_lib
 from keras_microtune.export import input_metadata as input_metadata_lib
 from keras_microtune.export import memory_plan as memory_plan_lib
+from keras_microtune.export import patch_inference as patch_lib
 
 # Ops that must never reach a microcontroller model.
 MCU_FORBIDDEN = {
@@ -37,14 +38,14 @@ def check_mcu_ops(c):
 
 def patch_inference(c):
     """`patch_inference=...`: compute the first stage patch by patch
-    (`patching.apply`; before `strip`, which drops the layer names it reads)."""
+    (`patch_inference.apply`; before `strip`, which drops the layer names it reads)."""
     spec = c.options.get("patch_inference")
     if spec is None:
         return None
     names = [layer.name for layer in getattr(c.converted_model, "layers", [])]
     try:
         with cannot_run(c.info):
-            tflite, report = patching.apply(c.tflite, c.info, spec, names)
+            tflite, report = patch_lib.apply(c.tflite, c.info, spec, names)
     except patching.PatchError as e:
         raise ValueError(f"patch_inference={spec}: {e}") from None
     if tflite is not c.tflite:
