@@ -13,6 +13,7 @@ the int8 outputs are bit-identical in TFLite Micro, and conversion seconds.
 import argparse
 import json
 import os
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -95,7 +96,7 @@ def main(argv=None):
     rows = []
     for name in names:
         rows.append(measure(name))
-        print(json.dumps(rows[-1]), flush=True)
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # Progress.
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
