@@ -203,23 +203,34 @@ def apply(tflite: bytes, info, spec: dict, layer_names=(), timing_repeats=20):
         allowed.sort(key=lambda r: r["estimate"])
         rows = allowed[:MEASURED]
     for r in rows:
-        r["arena_bytes"], _ = _measure(r["data"])
+        try:
+            r["arena_bytes"], _ = _measure(r["data"])
+        except runtimes.RuntimeFailure as e:
+            if not auto:
+                raise
+            # TFLite Micro has been seen to crash near the arena size of
+            # models with hundreds of ops: "auto" passes over such a candidate.
+            r["arena_bytes"], r["error"] = None, str(e)[:200]
     report["candidates"] = [
         {
             "until": _layer_name(info, r["stage"].split, layer_names),
             "grid": list(r["grid"]),
             "mac_overhead": round(r["mac_overhead"], 4),
             "arena_bytes": r["arena_bytes"],
+            **({"error": r["error"]} if "error" in r else {}),
         }
         for r in rows
     ]
+    rows = [r for r in rows if r["arena_bytes"] is not None]
     best = min(rows, key=lambda r: r["arena_bytes"], default=None)
     if best is None or (auto and best["arena_bytes"] >= before):
         report["applied"] = False
         report["reason"] = (
-            "no split and grid within the MAC cap"
-            if best is None
-            else f"no patched arena below the unpatched {before:,} B"
+            f"no patched arena below the unpatched {before:,} B"
+            if best is not None
+            else "TFLite Micro could not run the candidates"
+            if report["candidates"]
+            else "no split and grid within the MAC cap"
         )
         return tflite, report
     st = best["stage"]
