@@ -86,8 +86,7 @@ def find_split(info, until: str, layer_names) -> int:
     found = None
     for _, _, outs in info.op_sequence:
         for t in outs:
-            parts = re.split(r"[;/]", info.tensors[t].name)
-            hit = [p for p in parts if pattern.match(p)]
+            hit = [p for p in patching.scopes(info.tensors[t].name) if pattern.match(p)]
             if any(p == until or p not in layer_names for p in hit):
                 found = t
     if found is None:

@@ -549,13 +549,23 @@ def _drop_unused(sub):
         op.outputs = [index[t] for t in op.outputs]
 
 
+def scopes(tensor_name: str) -> list[str]:
+    """The name scopes in a converter tensor name, innermost first per fused
+    piece ("model/inner/layer_1/Op;..." -> layer_1, inner, model, ...); the
+    last component of a piece is a TensorFlow op name and is left out."""
+    out = []
+    for piece in tensor_name.split(";"):
+        parts = piece.split("/")
+        out.extend(reversed(parts[:-1] if len(parts) > 1 else parts))
+    return out
+
+
 def layer_of(info: _tflite.ModelInfo, k: int, layer_names=()) -> str:
-    """A readable name for op `k`: its Keras layer when the tensor names say."""
+    """A readable name for op `k`: its Keras layer when the tensor names say
+    (the innermost layer of the op TFLite fused last)."""
     name, _, outs = info.op_sequence[k]
-    tensor = info.tensors[outs[0]].name
-    for part in re.split(r"[;/]", tensor):
-        base = re.sub(r"_\d+$", "", part)
-        for candidate in (part, base):
+    for part in scopes(info.tensors[outs[0]].name):
+        for candidate in (part, re.sub(r"_\d+$", "", part)):
             if candidate in layer_names:
                 return f"layer {candidate!r} (op {k}, {name})"
     return f"op {k} ({name})"

@@ -293,3 +293,18 @@ def test_convert_names_the_unsupported_layer_before_writing(cnn, tmp_path):
             patch_inference={"until": "gap", "grid": (2, 2)},
         )
     assert not out.exists()
+
+
+def test_until_names_a_layer_of_a_nested_model(cnn, plain):
+    model, x = cnn
+    inp = keras.Input((32, 32, 3))
+    outer = keras.Model(inp, keras.layers.Activation("linear")(model(inp)))
+    result = kmt.convert(
+        outer, "mcu", representative_data=x, verbose=0, patch_inference=SPEC
+    )
+    assert result.report["patch_inference"]["until"] == "pool"
+    xs = _int8_inputs()
+    np.testing.assert_array_equal(
+        runtimes.tflm_run(result.tflite, xs, result.arena_bytes)[0],
+        runtimes.tflm_run(plain.tflite, xs, plain.arena_bytes)[0],
+    )

@@ -42,7 +42,14 @@ def patch_inference(c):
     spec = c.options.get("patch_inference")
     if spec is None:
         return None
-    names = [layer.name for layer in getattr(c.converted_model, "layers", [])]
+    import keras
+
+    from keras_microtune.optimize import graph
+
+    model = c.converted_model
+    # Layer names, nested models' included (tf_keras and SavedModels: their own).
+    layers = graph.walk(model) if isinstance(model, keras.Model) else []
+    names = [layer.name for layer in layers or getattr(model, "layers", [])]
     try:
         with cannot_run(c.info):
             tflite, report = patch_lib.apply(c.tflite, c.info, spec, names)
