@@ -13,6 +13,7 @@ import os
 import re
 
 from keras_microtune.export import compression as compression_lib
+from keras_microtune.export import patch_inference as patch_lib
 from keras_microtune.export import pipeline, preprocessing
 from keras_microtune.export import targets as targets_lib
 from keras_microtune.export.passes import flatbuffer, keras_level, measurements
@@ -59,6 +60,7 @@ PASSES = (
     # Flatbuffer passes (passes/flatbuffer.py): check and rewrite the .tflite.
     flatbuffer.check_mcu_ops,
     flatbuffer.check_softmax_scale,
+    flatbuffer.patch_inference,
     flatbuffer.strip,
     flatbuffer.compress,
     flatbuffer.memory_plan,
@@ -85,6 +87,7 @@ def convert(
     overwrite: bool = False,
     safe_mode: bool = True,
     verbose: int = 1,
+    patch_inference: str | dict | None = None,
 ) -> ConversionResult:
     """Convert a model for `target`, run it on the real runtimes, and measure it.
 
@@ -118,6 +121,10 @@ def convert(
         overwrite: bool. Allow replacing a non-empty `output_dir`.
         safe_mode: bool. Keras safe deserialization for model files.
         verbose: int. 1 shows a calibration progress bar; 0 is silent.
+        patch_inference: `"auto"`, `{"until": layer, "grid": (rows, cols)}` or
+            None. TFLite Micro targets: run the stage up to `until` patch by
+            patch to cut the arena (`report["patch_inference"]`; README
+            "Patch-based inference"). Defaults to `None`.
 
     Returns:
         A `ConversionResult`. `report["passes"]` lists the passes of
@@ -140,6 +147,7 @@ def convert(
         "strict": strict,
         "safe_mode": safe_mode,
         "verbose": verbose,
+        "patch_inference": patch_lib.check_option(patch_inference, target),
     }
     c = pipeline.run(pipeline.Conversion(model, target, options), PASSES)
     c.report["passes"] = c.passes
