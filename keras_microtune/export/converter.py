@@ -13,7 +13,7 @@ import os
 import re
 
 from keras_microtune.export import compression as compression_lib
-from keras_microtune.export import pipeline, preprocessing
+from keras_microtune.export import pipeline, preprocessing, trainable
 from keras_microtune.export import targets as targets_lib
 from keras_microtune.export.passes import flatbuffer, keras_level, measurements
 from keras_microtune.export.result import (  # noqa: F401 - import paths kept
@@ -45,6 +45,15 @@ def convert_to_tflite(c):
     }
 
 
+def convert_trainable(c):
+    """Trainable target: the four signatures (`trainable.build_module`),
+    gradients in builtin ops, converted with resource variables."""
+    from keras_microtune.export import trainable
+
+    c.tflite = trainable.to_tflite(trainable.build_module(c.training))
+    return {"signatures": list(trainable.SIGNATURES), "quantization": "float32"}
+
+
 PASSES = (
     # Keras level (passes/keras_level.py): the model as Keras sees it.
     keras_level.load,
@@ -71,6 +80,18 @@ PASSES = (
     measurements.verify,
 )
 
+# Target "mobile-trainable" (export/trainable.py): no merging, stripping or
+# quantization (what trains stays as Keras trains it).
+TRAINABLE_PASSES = (
+    keras_level.load,
+    keras_level.plan_training,
+    keras_level.data_to_arrays,
+    convert_trainable,
+    measurements.training_parity,
+    measurements.training_report,
+    measurements.verify,
+)
+
 
 def convert(
     model,
@@ -84,6 +105,7 @@ def convert(
     overwrite: bool = False,
     safe_mode: bool = True,
     verbose: int = 1,
+    train_batch_size: int | None = None,
 ) -> ConversionResult:
     """Convert a model for `target`, run it on the real runtimes, and measure it.
 
@@ -117,6 +139,14 @@ def convert(
         overwrite: bool. Allow replacing a non-empty `output_dir`.
         safe_mode: bool. Keras safe deserialization for model files.
         verbose: int. 1 shows a calibration progress bar; 0 is silent.
+        train_batch_size: int or None. Target `"mobile-trainable"` only: the
+            batch its `train` signature takes. Defaults to 16.
+
+    Target `"mobile-trainable"` runs `TRAINABLE_PASSES` instead: a `.tflite`
+    with signatures `infer`, `train`, `get_weights`, `set_weights` that
+    trains `model.trainable_variables` with the compiled loss and optimizer
+    (see `keras_microtune.export.trainable`); `report["training"]` says what
+    trains and how one step in LiteRT compared with Keras.
 
     Returns:
         A `ConversionResult`. `report["passes"]` lists the passes of
@@ -129,6 +159,12 @@ def convert(
         >>> result.arena_bytes, result.fits
     """
     target = targets_lib.get(target)
+    if train_batch_size is not None and not target.trainable:
+        raise ValueError(
+            "`train_batch_size` sets the batch of the train signature of target "
+            f"'mobile-trainable'; target {target.name!r} has none. Received: "
+            f"train_batch_size={train_batch_size!r}"
+        )
     if output_dir is not None:  # Fail before the (slow) conversion.
         check_output_dir(output_dir, overwrite)
     options = {
@@ -139,8 +175,10 @@ def convert(
         "strict": strict,
         "safe_mode": safe_mode,
         "verbose": verbose,
+        "train_batch_size": trainable.check_batch_size(train_batch_size),
     }
-    c = pipeline.run(pipeline.Conversion(model, target, options), PASSES)
+    passes = TRAINABLE_PASSES if target.trainable else PASSES
+    c = pipeline.run(pipeline.Conversion(model, target, options), passes)
     c.report["passes"] = c.passes
     result = ConversionResult(c.tflite, c.report, str(c.name), timings=c.timings)
     result._parsed = (c.tflite, c.info)
