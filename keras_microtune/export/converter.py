@@ -87,6 +87,7 @@ TRAINABLE_PASSES = (
     keras_level.plan_training,
     keras_level.data_to_arrays,
     convert_trainable,
+    flatbuffer.strip,
     measurements.training_parity,
     measurements.training_report,
     measurements.verify,

@@ -35,11 +35,14 @@ def check_mcu_ops(c):
 
 
 def strip(c):
-    """TFLite Micro targets: drop names, signatures and metadata (`_tflite.strip`)."""
-    if not c.target.is_mcu:
+    """TFLite Micro targets: drop names, signatures and metadata (`_tflite.strip`).
+    Trainable target: drop tensor names, keep the signatures, and share the
+    frozen constants its `infer` and `train` subgraphs both hold."""
+    if not (c.target.is_mcu or c.target.trainable):
         return None
     before = c.tflite
-    c.tflite = _tflite.strip(before)
+    trainable = c.target.trainable
+    c.tflite = _tflite.strip(before, keep_signatures=trainable, share_buffers=trainable)
     c.report["stripped_bytes_saved"] = len(before) - len(c.tflite)
     return {}
 

@@ -171,7 +171,7 @@ def training_report(c):
         target=c.target,
         info=c.info,
         size_bytes=len(c.tflite),
-        bytes_saved=0,
+        bytes_saved=c.report.get("stripped_bytes_saved", 0),
         arena=None,
         lower_bound=0,
         parity=None,
