@@ -145,10 +145,10 @@ def training_parity(c):
     same step in Keras (on copies: the model is not changed)."""
     if c.training is None:
         return None
-    from keras_microtune.export import trainable
+    from keras_microtune.export import trainable_check
 
     x, y = _training_batch(c)
-    check = trainable.check_step(c.training, c.tflite, x, y)
+    check = trainable_check.check_step(c.training, c.tflite, x, y)
     c.report["training_check"] = check
     return {k: check[k] for k in ("loss_abs_error", "weights_max_abs_error")}
 
@@ -158,9 +158,9 @@ def training_report(c):
     trains, the step check); LiteRT has no arena or RAM budget to measure."""
     if c.training is None:
         return None
-    from keras_microtune.export import trainable
+    from keras_microtune.export import trainable_check
 
-    by_signature = trainable.signature_ops(c.tflite)
+    by_signature = trainable_check.signature_ops(c.tflite)
     counts = {}
     for ops in by_signature.values():
         for op, n in ops.items():
