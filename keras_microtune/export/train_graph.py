@@ -1,7 +1,7 @@
 """Gradients written in builtin TFLite ops, for an exported training step.
 
 TensorFlow differentiates some ops with gradient kernels LiteRT does not
-have as builtins (`ReluGrad`, `MaxPoolGrad`, `Conv2DBackpropFilter`,
+have as builtins (`ReluGrad`, `MaxPoolGrad`, `AvgPoolGrad`, `Conv2DBackpropFilter`,
 `DepthwiseConv2dNativeBackpropInput`, `StridedSliceGrad` from slicing a
 variable, as `MicroTune` does per group, ...); LiteRT wheels and Android
 builds have no Flex delegate to run them. `builtin_gradients()` is a context
@@ -34,6 +34,7 @@ _OPS = (
     "Rsqrt",
     "Sqrt",
     "MaxPool",
+    "AvgPool",
     "Conv2D",
     "DepthwiseConv2dNative",
     "StridedSlice",
@@ -192,6 +193,44 @@ def _max_pool(op, grad):
     return tf.pad(spread, [(0, 0), (0, h - oh * kh), (0, w - ow * kw), (0, 0)])
 
 
+def _avg_pool(op, grad):
+    """Windows equal to their stride: each input gets its window's gradient
+    over the window's count of inputs (SAME padding counts no padding)."""
+    import numpy as np
+    import tensorflow as tf
+
+    _check_nhwc(op)
+    ksize = list(op.get_attr("ksize"))
+    strides = list(op.get_attr("strides"))
+    if ksize != strides or ksize[0] != 1 or ksize[3] != 1:
+        raise UnsupportedGradientError(
+            f"AvgPool {op.name!r}: a trainable export differentiates average "
+            f"pooling whose window equals its stride; received ksize={ksize}, "
+            f"strides={strides}. Train only layers after it, or use such pooling."
+        )
+    x = op.inputs[0]
+    b, h, w, c = _static_shape(x, "AvgPool")
+    _, oh, ow, _ = _static_shape(op.outputs[0], "AvgPool")
+    kh, kw = ksize[1:3]
+    same = _attr(op, "padding") == "SAME"
+    (top, _), (left, _) = _pads(op, (h, w), (oh, ow), (kh, kw), (kh, kw))
+    if not same:
+        top = left = 0
+    rows = np.clip(np.arange(oh) * kh - top + kh, 0, h) - np.clip(
+        np.arange(oh) * kh - top, 0, h
+    )
+    cols = np.clip(np.arange(ow) * kw - left + kw, 0, w) - np.clip(
+        np.arange(ow) * kw - left, 0, w
+    )
+    count = np.outer(rows, cols).reshape(1, oh, 1, ow, 1, 1).astype("float32")
+    spread = tf.reshape(grad, (b, oh, 1, ow, 1, c)) / count
+    spread = tf.broadcast_to(spread, (b, oh, kh, ow, kw, c))
+    spread = tf.reshape(spread, (b, oh * kh, ow * kw, c))
+    if same:
+        return spread[:, top : top + h, left : left + w, :]
+    return tf.pad(spread, [(0, 0), (0, h - oh * kh), (0, w - ow * kw), (0, 0)])
+
+
 def _conv2d(op, grad):
     """Input gradient: TRANSPOSE_CONV; filter gradient: one matmul per tap."""
     import tensorflow as tf
@@ -311,6 +350,7 @@ _GRADIENTS = {
     "Rsqrt": _rsqrt,
     "Sqrt": _sqrt,
     "MaxPool": _max_pool,
+    "AvgPool": _avg_pool,
     "Conv2D": _conv2d,
     "DepthwiseConv2dNative": _depthwise,
     "StridedSlice": _strided_slice,

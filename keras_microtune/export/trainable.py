@@ -298,4 +298,17 @@ def to_tflite(module) -> bytes:
         )
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         conv.experimental_enable_resource_variables = True
-        return conv.convert()
+        try:
+            return conv.convert()
+        except Exception as e:  # ConverterError and friends.
+            message = str(e)
+    tf_ops = sorted(set(re.findall(r"'tf\.(\w+)'", message)))
+    first = next((ln for ln in message.splitlines() if "rror" in ln), message)
+    _fail(
+        f"its train step needs TensorFlow ops with no builtin TFLite kernel: "
+        f"{tf_ops or 'unknown'} (gradients of the layers between the first "
+        "trainable variable and the loss). Train only layers after the ones "
+        "holding these ops (e.g. kmt.attach(..., lora=..., train_norm=[...]) "
+        "on later layers), or replace those layers. Converter said: "
+        f"{first.strip()[:300]}"
+    )

@@ -185,6 +185,18 @@ def _with_dropout():
     return model
 
 
+def _elu_below_the_loss():
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(4, activation="elu"),
+            keras.layers.Dense(2, trainable=False),
+        ]
+    )
+    model.compile("sgd", "mse")
+    return model
+
+
 @pytest.mark.parametrize(
     "model, match",
     [
@@ -198,6 +210,7 @@ def _with_dropout():
             "clipnorm",
         ),
         (lambda: _with_dropout(), "random in training"),
+        (lambda: _elu_below_the_loss(), r"no builtin TFLite kernel: \['EluGrad'\]"),
     ],
 )
 def test_refuses_what_it_cannot_train_before_writing(model, match, tmp_path):
@@ -247,6 +260,8 @@ _RNG = np.random.default_rng(0)
             lambda x, k: tf.nn.depthwise_conv2d(x, k, [1, 1, 1, 1], "VALID"),
             [(2, 8, 7, 3), (5, 5, 3, 1)],
         ),
+        ("avgpool same", lambda x: tf.nn.avg_pool2d(x, 2, 2, "SAME"), [(2, 5, 7, 3)]),
+        ("avgpool valid", lambda x: tf.nn.avg_pool2d(x, 3, 3, "VALID"), [(2, 7, 8, 3)]),
         ("slice", lambda v: v[1] * 2 + tf.reduce_sum(v[0:2, 1:3]), [(3, 4, 4)]),
     ],
 )
@@ -279,6 +294,7 @@ def test_builtin_gradients_equal_tensorflows(name, forward, shapes):
         "TanhGrad",
         "RsqrtGrad",
         "MaxPoolGrad",
+        "AvgPoolGrad",
         "Conv2DBackpropFilter",
         "DepthwiseConv2dNativeBackpropInput",
         "DepthwiseConv2dNativeBackpropFilter",
