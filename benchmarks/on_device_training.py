@@ -17,7 +17,8 @@ Keras' `predict`), the largest weight difference between the two after
 training, the file size (and the float32 inference-only file of the same
 model, `kmt.convert(target="float32")`, which merges LoRA into the kernels),
 and the LiteRT train-step latency (median over all steps, one thread) next
-to one Keras `train_on_batch` step (median, after tracing).
+to one Keras `train_on_batch` step (median, after tracing). The same steps
+also train the `mobile-trainable-int8` file (frozen weights stored int8).
 
     python -m benchmarks.on_device_training [--tiny] [--json PATH]
 """
@@ -57,20 +58,29 @@ def run(tiny=False, epochs=EPOCHS, seed=0):
     start = time.perf_counter()
     result = kmt.convert(model, "mobile-trainable", train_batch_size=BATCH, verbose=0)
     export_seconds = time.perf_counter() - start
+    int8 = kmt.convert(
+        model, "mobile-trainable-int8", train_batch_size=BATCH, verbose=0
+    )
     inference = kmt.convert(model, "float32", verbose=0)
 
-    interp = Interpreter(model_content=bytes(result.tflite), num_threads=1)
-    train = interp.get_signature_runner("train")
     rng = np.random.default_rng(seed)
     orders = [rng.permutation(len(y)) for _ in range(epochs)]
     batches = [o[i : i + BATCH] for o in orders for i in range(0, len(y), BATCH)]
     batches = [b for b in batches if len(b) == BATCH]
 
-    lite_losses, lite_steps = [], []
-    for b in batches:
-        t = time.perf_counter()
-        lite_losses.append(float(train(x=x[b], y=y[b])["loss"]))
-        lite_steps.append(time.perf_counter() - t)
+    def train_in_litert(tflite):
+        interp = Interpreter(model_content=bytes(tflite), num_threads=1)
+        train = interp.get_signature_runner("train")
+        losses, steps = [], []
+        for b in batches:
+            t = time.perf_counter()
+            losses.append(float(train(x=x[b], y=y[b])["loss"]))
+            steps.append(time.perf_counter() - t)
+        return interp, losses, steps
+
+    interp, lite_losses, lite_steps = train_in_litert(result.tflite)
+    interp8, _, int8_steps = train_in_litert(int8.tflite)
+    int8_probs = interp8.get_signature_runner("infer")(x=x_test)["output"]
     keras_losses, keras_steps = [], []
     for b in batches:
         t = time.perf_counter()
@@ -103,7 +113,10 @@ def run(tiny=False, epochs=EPOCHS, seed=0):
             np.max(np.abs(np.array(lite_losses) - np.array(keras_losses)))
         ),
         "max_weight_difference": weight_error,
+        "int8_litert_accuracy": float(np.mean(np.argmax(int8_probs, -1) == y_test)),
         "bytes": result.size_bytes,
+        "int8_bytes": int8.size_bytes,
+        "int8_step_ms": 1e3 * statistics.median(int8_steps),
         "float32_inference_bytes": inference.size_bytes,
         "litert_step_ms": 1e3 * statistics.median(lite_steps),
         "keras_step_ms": 1e3 * statistics.median(keras_steps[1:] or keras_steps),
@@ -132,9 +145,15 @@ def table(r) -> str:
             "steps (epochs x batches of {})".format(r["batch"]),
             f"{r['steps']} ({r['epochs']} epochs)",
         ),
+        (
+            "test accuracy, mobile-trainable-int8 trained in LiteRT",
+            f"{r['int8_litert_accuracy']:.3f}",
+        ),
         ("mobile-trainable file", f"{r['bytes']:,} B"),
+        ("mobile-trainable-int8 file (frozen weights int8)", f"{r['int8_bytes']:,} B"),
         ("float32 inference file (LoRA merged)", f"{r['float32_inference_bytes']:,} B"),
         ("LiteRT train step (median, 1 thread)", f"{r['litert_step_ms']:.2f} ms"),
+        ("LiteRT train step, int8 file", f"{r['int8_step_ms']:.2f} ms"),
         ("Keras train_on_batch step (median)", f"{r['keras_step_ms']:.2f} ms"),
         ("export time", f"{r['export_seconds']:.1f} s"),
     ]

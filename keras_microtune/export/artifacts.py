@@ -197,7 +197,14 @@ def trainable_mobile_md(report: dict) -> str:
         "- `get_weights`: -> one float32 output per trained variable (below).\n"
         "- `set_weights`: the same names as inputs (and returns them).\n\n"
         f"{t['trained_parameters']:,} parameters train; everything else is a "
-        "constant of the file. The optimizer state (moments, step count) lives "
+        "constant of the file"
+        + (
+            " (frozen weights stored int8; a DEQUANTIZE op in each "
+            "signature turns them back into float32)"
+            if report["conversion"].get("frozen_weights") == "int8"
+            else ""
+        )
+        + ". The optimizer state (moments, step count) lives "
         "in the interpreter: persist the weights with `get_weights` and restore "
         "them with `set_weights` in a new interpreter (the optimizer restarts).\n\n"
         "| name | shape | Keras variable |\n|---|---|---|\n"

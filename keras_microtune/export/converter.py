@@ -51,7 +51,7 @@ def convert_trainable(c):
     from keras_microtune.export import trainable
 
     c.tflite = trainable.to_tflite(trainable.build_module(c.training))
-    return {"signatures": list(trainable.SIGNATURES), "quantization": "float32"}
+    return {"signatures": list(trainable.SIGNATURES)}
 
 
 PASSES = (
@@ -88,6 +88,7 @@ TRAINABLE_PASSES = (
     keras_level.data_to_arrays,
     convert_trainable,
     flatbuffer.strip,
+    flatbuffer.int8_frozen_weights,
     measurements.training_parity,
     measurements.training_report,
     measurements.verify,

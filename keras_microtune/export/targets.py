@@ -61,12 +61,12 @@ class Target:
             )
         if self.runtime == "tflm" and self.quantization != "int8":
             raise ValueError("TFLite Micro targets must use int8 quantization.")
-        if self.trainable and (self.runtime, self.quantization) != (
-            "litert",
-            "float32",
+        if self.trainable and (
+            self.runtime != "litert" or self.quantization not in ("float32", "dynamic")
         ):
             raise ValueError(
-                "Trainable targets run in LiteRT with float32 training. "
+                "Trainable targets run in LiteRT with float32 training (frozen "
+                "weights float32, or int8 with quantization='dynamic'). "
                 f"Received: runtime={self.runtime!r}, "
                 f"quantization={self.quantization!r}"
             )
@@ -128,6 +128,15 @@ _TARGETS = {
             "set_weights signatures, builtin ops",
             "litert",
             "float32",
+            "float32",
+            trainable=True,
+        ),
+        Target(
+            "mobile-trainable-int8",
+            "mobile-trainable with the frozen weights stored int8 (a DEQUANTIZE "
+            "op restores float32); what trains stays float32",
+            "litert",
+            "dynamic",
             "float32",
             trainable=True,
         ),

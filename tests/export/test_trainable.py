@@ -11,7 +11,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 import keras_microtune as kmt
 from keras_microtune import layers as kl
-from keras_microtune.export import train_graph
+from keras_microtune.export import int8_weights, train_graph, trainable_check
 
 BATCH = 8
 SIGNATURES = {"infer", "train", "get_weights", "set_weights"}
@@ -158,6 +158,25 @@ def test_sgd_momentum_steps_match_keras():
         np.testing.assert_allclose(
             weights[name], keras.ops.convert_to_numpy(v), rtol=1e-5, atol=1e-6
         )
+
+
+def test_int8_frozen_weights_train_like_the_float_file(exported):
+    _, result = exported
+    int8, summary = int8_weights.apply(result.tflite, min_elements=16)
+    assert summary["tensors"] > 0  # (too few bytes here to shrink the file)
+    assert summary["int8_bytes"] * 4 == summary["float_bytes"]
+    ops = trainable_check.signature_ops(int8)
+    assert "DEQUANTIZE" in ops["train"] and "DEQUANTIZE" in ops["infer"]
+    f, q = _runners(result.tflite), _runners(int8)
+    start = f["get_weights"]()
+    # What trains is untouched: the same float32 initial values.
+    assert all(np.array_equal(v, start[n]) for n, v in q["get_weights"]().items())
+    x, y = _batches(3)
+    lf = [float(f["train"](x=xb, y=yb)["loss"]) for xb, yb in zip(x, y)]
+    lq = [float(q["train"](x=xb, y=yb)["loss"]) for xb, yb in zip(x, y)]
+    np.testing.assert_allclose(lq, lf, rtol=2e-2)
+    q["set_weights"](**start)
+    assert all(np.array_equal(v, start[n]) for n, v in q["get_weights"]().items())
 
 
 def test_save_writes_mobile_notes_with_the_real_names(exported, tmp_path):
@@ -329,6 +348,19 @@ def test_cli_exports_a_saved_microtune_model(tmp_path, capsys):
         for v in training["variables"]
     )
     assert (out / "mobile.md").exists() and (out / "model.tflite").exists()
+
+
+@pytest.mark.slow
+def test_int8_target_end_to_end():
+    model = _attached(keras.optimizers.Adam(1e-2))
+    result = kmt.convert(model, "mobile-trainable-int8", train_batch_size=BATCH)
+    float_result = kmt.convert(model, "mobile-trainable", train_batch_size=BATCH)
+    assert result.report["conversion"]["frozen_weights"] == "int8"
+    assert result.report["verified"]
+    assert result.size_bytes <= float_result.size_bytes
+    assert result.report["training"]["check"]["int8_weights"][
+        "set_get_round_trip_exact"
+    ]
 
 
 @pytest.mark.slow

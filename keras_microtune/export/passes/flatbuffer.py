@@ -47,6 +47,20 @@ def strip(c):
     return {}
 
 
+def int8_frozen_weights(c):
+    """Target `mobile-trainable-int8`: frozen weights of 1024+ values stored
+    int8 with a DEQUANTIZE op (`int8_weights.apply`); what trains stays
+    float32. The float32 file is kept for the exact train-step check."""
+    if not (c.target.trainable and c.target.quantization == "dynamic"):
+        return None
+    from keras_microtune.export import int8_weights
+
+    c.training["float_tflite"] = c.tflite
+    tflite, summary = int8_weights.apply(c.tflite)
+    c.tflite = tflite
+    return summary
+
+
 def compress(c):
     """`compression=...`: LUT weight compression, verified bit-exact in TFLite
     Micro (before the memory plan: compression adds tensors)."""

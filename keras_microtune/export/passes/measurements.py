@@ -148,7 +148,20 @@ def training_parity(c):
     from keras_microtune.export import trainable_check
 
     x, y = _training_batch(c)
-    check = trainable_check.check_step(c.training, c.tflite, x, y)
+    float_file = c.training.get("float_tflite", c.tflite)
+    check = trainable_check.check_step(c.training, float_file, x, y)
+    if float_file is not c.tflite:  # int8 frozen weights: measured, not exact.
+        int8 = trainable_check.check_step(c.training, c.tflite, x, y)
+        check["int8_weights"] = {
+            k: int8[k]
+            for k in (
+                "loss_abs_error",
+                "weights_max_abs_error",
+                "infer_max_abs_error",
+                "set_get_round_trip_exact",
+            )
+        }
+        check["within_tolerance"] &= int8["set_get_round_trip_exact"]
     c.report["training_check"] = check
     return {k: check[k] for k in ("loss_abs_error", "weights_max_abs_error")}
 
@@ -176,7 +189,7 @@ def training_report(c):
         lower_bound=0,
         parity=None,
         vela=None,
-        conversion={"quantization": "float32"},
+        conversion={"quantization": c.target.quantization},
         tensor_arena_size=None,
     )
     base.update(
@@ -196,7 +209,8 @@ def training_report(c):
             "train_weights_max_abs_error": check["weights_max_abs_error"],
         },
         conversion={
-            "quantization": "float32",
+            "quantization": c.target.quantization,
+            "frozen_weights": "int8" if "float_tflite" in c.training else "float32",
             "io_dtype": "float32",
             "batch_size": c.training["batch_size"],
             "builtin_ops_only": True,
