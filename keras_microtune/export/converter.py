@@ -80,8 +80,9 @@ PASSES = (
     measurements.verify,
 )
 
-# Target "mobile-trainable" (export/trainable.py): no merging, stripping or
-# quantization (what trains stays as Keras trains it).
+# Targets "mobile-trainable"(-int8) (export/trainable.py): no adapter merging,
+# pruning strip or quantization of what trains (it stays as Keras trains it);
+# tensor names are stripped, and -int8 stores the frozen weights in int8.
 TRAINABLE_PASSES = (
     keras_level.load,
     keras_level.plan_training,
