@@ -13,6 +13,7 @@ import os
 import re
 
 from keras_microtune.export import compression as compression_lib
+from keras_microtune.export import patch_inference as patch_lib
 from keras_microtune.export import pipeline, preprocessing, trainable
 from keras_microtune.export import targets as targets_lib
 from keras_microtune.export.passes import flatbuffer, keras_level, measurements
@@ -67,6 +68,8 @@ PASSES = (
     convert_to_tflite,
     # Flatbuffer passes (passes/flatbuffer.py): check and rewrite the .tflite.
     flatbuffer.check_mcu_ops,
+    flatbuffer.check_softmax_scale,
+    flatbuffer.patch_inference,
     flatbuffer.strip,
     flatbuffer.compress,
     flatbuffer.memory_plan,
@@ -108,6 +111,7 @@ def convert(
     overwrite: bool = False,
     safe_mode: bool = True,
     verbose: int = 1,
+    patch_inference: str | dict | None = None,
     train_batch_size: int | None = None,
 ) -> ConversionResult:
     """Convert a model for `target`, run it on the real runtimes, and measure it.
@@ -142,6 +146,10 @@ def convert(
         overwrite: bool. Allow replacing a non-empty `output_dir`.
         safe_mode: bool. Keras safe deserialization for model files.
         verbose: int. 1 shows a calibration progress bar; 0 is silent.
+        patch_inference: `"auto"`, `{"until": layer, "grid": (rows, cols)}` or
+            None. TFLite Micro targets: run the stage up to `until` patch by
+            patch to cut the arena (`report["patch_inference"]`; README
+            "Patch-based inference"). Defaults to `None`.
         train_batch_size: int or None. Target `"mobile-trainable"` only: the
             batch its `train` signature takes. Defaults to 16.
 
@@ -178,6 +186,7 @@ def convert(
         "strict": strict,
         "safe_mode": safe_mode,
         "verbose": verbose,
+        "patch_inference": patch_lib.check_option(patch_inference, target),
         "train_batch_size": trainable.check_batch_size(train_batch_size),
     }
     passes = TRAINABLE_PASSES if target.trainable else PASSES

@@ -25,8 +25,6 @@ def apply(data: bytes, min_elements: int = MIN_ELEMENTS) -> tuple[bytes, dict]:
         The new flatbuffer and a dict: `tensors` (int8 weights written),
         `float_bytes` and `int8_bytes` of their data.
     """
-    import flatbuffers
-
     from keras_microtune.export import _tflite
 
     schema = _tflite._schema()
@@ -92,9 +90,7 @@ def apply(data: bytes, min_elements: int = MIN_ELEMENTS) -> tuple[bytes, dict]:
     for index in done:
         if index not in still_used:
             model.buffers[index].data = None
-    builder = flatbuffers.Builder(len(data) + 1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output()), summary
+    return _tflite.pack(model, len(data)), summary
 
 
 def _opcode(schema, codes, op, code):
