@@ -13,8 +13,11 @@ import numpy as np
 _UNSAFE_LAYERS = ("Lambda",)
 
 
-def load(model, safe_mode: bool = True):
+def load(model, safe_mode: bool = True, compile: bool = False):
     """Return `(callable model object, name)` from a model or a path.
+
+    `compile=True` keeps a Keras file's compiled loss and optimizer (the
+    trainable target trains with them).
 
     `.keras` files load with Keras' `safe_mode`; legacy `.h5` files holding a
     `Lambda` layer (marshalled Python code) are refused unless `safe_mode=False`.
@@ -44,7 +47,7 @@ def load(model, safe_mode: bool = True):
 
     if path.endswith(".h5") or path.endswith(".hdf5"):
         _check_h5(path, safe_mode)
-        return keras.saving.load_model(path, compile=False), name
+        return keras.saving.load_model(path, compile=compile), name
     if not path.endswith(".keras"):
         raise ValueError(
             f"Cannot load {path!r}: expected a .keras or .h5 file or a SavedModel "
@@ -52,7 +55,8 @@ def load(model, safe_mode: bool = True):
         )
     _check_keras_file(path, safe_mode)
     try:
-        return keras.saving.load_model(path, compile=False, safe_mode=safe_mode), name
+        model = keras.saving.load_model(path, compile=compile, safe_mode=safe_mode)
+        return model, name
     except ValueError as e:
         if "safe_mode" in str(e) or "unsafe" in str(e).lower():
             raise ValueError(

@@ -14,7 +14,7 @@ import re
 
 from keras_microtune.export import compression as compression_lib
 from keras_microtune.export import patch_inference as patch_lib
-from keras_microtune.export import pipeline, preprocessing
+from keras_microtune.export import pipeline, preprocessing, trainable
 from keras_microtune.export import targets as targets_lib
 from keras_microtune.export.passes import flatbuffer, keras_level, measurements
 from keras_microtune.export.result import (  # noqa: F401 - import paths kept
@@ -46,6 +46,15 @@ def convert_to_tflite(c):
     }
 
 
+def convert_trainable(c):
+    """Trainable target: the four signatures (`trainable.build_module`),
+    gradients in builtin ops, converted with resource variables."""
+    from keras_microtune.export import trainable
+
+    c.tflite = trainable.to_tflite(trainable.build_module(c.training))
+    return {"signatures": list(trainable.SIGNATURES)}
+
+
 PASSES = (
     # Keras level (passes/keras_level.py): the model as Keras sees it.
     keras_level.load,
@@ -74,6 +83,21 @@ PASSES = (
     measurements.verify,
 )
 
+# Targets "mobile-trainable"(-int8) (export/trainable.py): no adapter merging,
+# pruning strip or quantization of what trains (it stays as Keras trains it);
+# tensor names are stripped, and -int8 stores the frozen weights in int8.
+TRAINABLE_PASSES = (
+    keras_level.load,
+    keras_level.plan_training,
+    keras_level.data_to_arrays,
+    convert_trainable,
+    flatbuffer.strip,
+    flatbuffer.int8_frozen_weights,
+    measurements.training_parity,
+    measurements.training_report,
+    measurements.verify,
+)
+
 
 def convert(
     model,
@@ -88,6 +112,7 @@ def convert(
     safe_mode: bool = True,
     verbose: int = 1,
     patch_inference: str | dict | None = None,
+    train_batch_size: int | None = None,
 ) -> ConversionResult:
     """Convert a model for `target`, run it on the real runtimes, and measure it.
 
@@ -125,6 +150,14 @@ def convert(
             None. TFLite Micro targets: run the stage up to `until` patch by
             patch to cut the arena (`report["patch_inference"]`; README
             "Patch-based inference"). Defaults to `None`.
+        train_batch_size: int or None. Target `"mobile-trainable"` only: the
+            batch its `train` signature takes. Defaults to 16.
+
+    Target `"mobile-trainable"` runs `TRAINABLE_PASSES` instead: a `.tflite`
+    with signatures `infer`, `train`, `get_weights`, `set_weights` that
+    trains `model.trainable_variables` with the compiled loss and optimizer
+    (see `keras_microtune.export.trainable`); `report["training"]` says what
+    trains and how one step in LiteRT compared with Keras.
 
     Returns:
         A `ConversionResult`. `report["passes"]` lists the passes of
@@ -137,6 +170,12 @@ def convert(
         >>> result.arena_bytes, result.fits
     """
     target = targets_lib.get(target)
+    if train_batch_size is not None and not target.trainable:
+        raise ValueError(
+            "`train_batch_size` sets the batch of the train signature of target "
+            f"'mobile-trainable'; target {target.name!r} has none. Received: "
+            f"train_batch_size={train_batch_size!r}"
+        )
     if output_dir is not None:  # Fail before the (slow) conversion.
         check_output_dir(output_dir, overwrite)
     options = {
@@ -148,8 +187,10 @@ def convert(
         "safe_mode": safe_mode,
         "verbose": verbose,
         "patch_inference": patch_lib.check_option(patch_inference, target),
+        "train_batch_size": trainable.check_batch_size(train_batch_size),
     }
-    c = pipeline.run(pipeline.Conversion(model, target, options), PASSES)
+    passes = TRAINABLE_PASSES if target.trainable else PASSES
+    c = pipeline.run(pipeline.Conversion(model, target, options), passes)
     c.report["passes"] = c.passes
     result = ConversionResult(c.tflite, c.report, str(c.name), timings=c.timings)
     result._parsed = (c.tflite, c.info)

@@ -33,6 +33,8 @@ class Conversion:
             lists of arrays (None when not given).
         uncompressed: `(tflite, info)` before weight compression, which LiteRT
             cannot load (None when not compressed).
+        training: the trainable target's plan (`trainable.plan`; None
+            for other targets).
         arena, memory, vela: TFLite Micro arena, memory-plan report entries,
             Vela figures (None / {} until measured).
         report: report entries written by the passes; `passes`: their records;
@@ -53,6 +55,7 @@ class Conversion:
     val: list | None = None
     y_val: object = None
     uncompressed: tuple | None = None
+    training: dict | None = None
     arena: dict | None = None
     memory: dict = dataclasses.field(default_factory=dict)
     vela: dict | None = None

@@ -136,6 +136,24 @@ def rows(report: dict) -> list[tuple[str, str]]:
 
     out += compression.rows(report)
     out += patch_inference.rows(report)
+    if report.get("training"):
+        t = report["training"]
+        check = t["check"]
+        out += [
+            ("signatures", ", ".join(t["signatures"])),
+            (
+                "trains",
+                f"{t['trained_parameters']:,} parameters in {len(t['variables'])} "
+                f"variables ({t['optimizer']['name']}, {t['loss']}, batch "
+                f"{t['batch_size']})",
+            ),
+            (
+                "train step vs Keras",
+                f"loss error {check['loss_abs_error']:.3g}, weights error "
+                f"{check['weights_max_abs_error']:.3g}, set/get round trip "
+                + ("exact" if check["set_get_round_trip_exact"] else "NOT exact"),
+            ),
+        ]
     for key, value in (report["parity"] or {}).items():
         if isinstance(value, float):
             value = f"{value:.6g}"

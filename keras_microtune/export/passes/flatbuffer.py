@@ -100,13 +100,30 @@ def patch_inference(c):
 
 
 def strip(c):
-    """TFLite Micro targets: drop names, signatures and metadata (`_tflite.strip`)."""
-    if not c.target.is_mcu:
+    """TFLite Micro targets: drop names, signatures and metadata (`_tflite.strip`).
+    Trainable target: drop tensor names, keep the signatures, and share the
+    frozen constants its `infer` and `train` subgraphs both hold."""
+    if not (c.target.is_mcu or c.target.trainable):
         return None
     before = c.tflite
-    c.tflite = _tflite.strip(before)
+    trainable = c.target.trainable
+    c.tflite = _tflite.strip(before, keep_signatures=trainable, share_buffers=trainable)
     c.report["stripped_bytes_saved"] = len(before) - len(c.tflite)
     return {}
+
+
+def int8_frozen_weights(c):
+    """Target `mobile-trainable-int8`: frozen weights of 1024+ values stored
+    int8 with a DEQUANTIZE op (`int8_weights.apply`); what trains stays
+    float32. The float32 file is kept for the exact train-step check."""
+    if not (c.target.trainable and c.target.quantization == "dynamic"):
+        return None
+    from keras_microtune.export import int8_weights
+
+    c.training["float_tflite"] = c.tflite
+    tflite, summary = int8_weights.apply(c.tflite)
+    c.tflite = tflite
+    return summary
 
 
 def compress(c):

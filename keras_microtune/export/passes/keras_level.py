@@ -3,7 +3,8 @@
 Each pass takes the `pipeline.Conversion` and returns what it did (None: not
 applicable). In order: `load`, `strip_pruning`, `merge_adapters`,
 `plan_preprocessing`,
-`trace`, `detect_qat`, `data_to_arrays`.
+`trace`, `detect_qat`, `data_to_arrays`; for the trainable target `load`,
+`plan_training`, `data_to_arrays`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,38 @@ _LOOP_OPS = {"While", "StatelessWhile"}
 
 def load(c):
     """The model object (loaded from a path when given one) and its name."""
-    c.source, c.name = _model.load(c.model, safe_mode=c.options["safe_mode"])
+    c.source, c.name = _model.load(
+        c.model, safe_mode=c.options["safe_mode"], compile=c.target.trainable
+    )
     return {"model": str(c.name), "type": type(c.source).__name__}
+
+
+def plan_training(c):
+    """Trainable target: check the model trains on the device as in Keras
+    (compiled loss and SGD/Adam, no random layers) and list what trains:
+    exactly `model.trainable_variables`, nothing merged or stripped."""
+    import keras
+
+    from keras_microtune.export import trainable
+
+    if not c.target.trainable:
+        return None
+    if not isinstance(c.source, keras.Model):
+        raise ValueError(
+            f"Target {c.target.name!r} exports a Keras 3 model's training step; "
+            f"received {type(c.source).__name__}. Pass the keras.Model (e.g. from "
+            "kmt.attach), compiled with its loss and optimizer."
+        )
+    c.training = trainable.plan(c.source, c.options["train_batch_size"])
+    c.specs = _model.input_specs(c.source)
+    summary = c.training["report"]
+    return {
+        "trained_variables": len(summary["variables"]),
+        "trained_parameters": summary["trained_parameters"],
+        "loss": summary["loss"],
+        "optimizer": summary["optimizer"]["name"],
+        "batch_size": summary["batch_size"],
+    }
 
 
 def strip_pruning(c):

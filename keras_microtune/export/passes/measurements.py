@@ -2,7 +2,8 @@
 
 Each pass takes the `pipeline.Conversion` and returns what it did (None: not
 applicable); none rewrites the flatbuffer. In order: `arena`, `vela`,
-`parity`, `budget` (also used by `kmt.inspect`), `describe`, `verify`.
+`parity`, `budget` (also used by `kmt.inspect`), `describe`, `verify`;
+for the trainable target `training_parity`, `training_report`, `verify`.
 """
 
 from __future__ import annotations
@@ -121,16 +122,132 @@ def describe(c):
     return {"input": c.report["input"]["dtype"]}
 
 
+def _training_batch(c):
+    """A batch for the train-step check: validation (else calibration)
+    inputs with their labels when given, else seeded random values."""
+    p, rng = c.training, np.random.default_rng(0)
+    n = p["batch_size"]
+    x, y = (c.val, c.y_val) if c.val is not None else (c.rep, None)
+    if x is not None:
+        rows = np.arange(n) % len(x[0])
+        x = np.asarray(x[0], "float32")[rows]
+        y = None if y is None else np.asarray(y)[rows]
+    else:
+        x = rng.normal(size=(n, *c.shapes[0])).astype("float32")
+    if y is None:
+        width = int(p["model"].outputs[0].shape[-1])
+        if p["label_dtype"] == "int32":
+            y = rng.integers(0, width, (n, *p["label_shape"]))
+        else:
+            y = rng.uniform(0, 1, (n, *p["label_shape"]))
+    return x, np.asarray(y).reshape(n, *p["label_shape"]).astype(p["label_dtype"])
+
+
+def training_parity(c):
+    """Trainable target: one `train` step, `infer`, and a `set_weights` /
+    `get_weights` round trip in LiteRT's signature runners against the
+    same step in Keras (on copies: the model is not changed)."""
+    if c.training is None:
+        return None
+    from keras_microtune.export import trainable_check
+
+    x, y = _training_batch(c)
+    float_file = c.training.get("float_tflite", c.tflite)
+    check = trainable_check.check_step(c.training, float_file, x, y)
+    if float_file is not c.tflite:  # int8 frozen weights: measured, not exact.
+        int8 = trainable_check.check_step(c.training, c.tflite, x, y)
+        check["int8_weights"] = {
+            k: int8[k]
+            for k in (
+                "loss_abs_error",
+                "weights_max_abs_error",
+                "infer_max_abs_error",
+                "set_get_round_trip_exact",
+            )
+        }
+        check["within_tolerance"] &= int8["set_get_round_trip_exact"]
+    c.report["training_check"] = check
+    return {k: check[k] for k in ("loss_abs_error", "weights_max_abs_error")}
+
+
+def training_report(c):
+    """Trainable target: the report (size, ops of every signature, what
+    trains, the step check); LiteRT has no arena or RAM budget to measure."""
+    if c.training is None:
+        return None
+    from keras_microtune.export import trainable_check
+
+    by_signature = trainable_check.signature_ops(c.tflite)
+    counts = {}
+    for ops in by_signature.values():
+        for op, n in ops.items():
+            counts[op] = counts.get(op, 0) + n
+    check = c.report.pop("training_check")
+    infer_shape = [-1, *c.shapes[0]]
+    base = report_lib.build(
+        target=c.target,
+        info=c.info,
+        size_bytes=len(c.tflite),
+        bytes_saved=c.report.get("stripped_bytes_saved", 0),
+        arena=None,
+        lower_bound=0,
+        parity=None,
+        vela=None,
+        conversion={"quantization": c.target.quantization},
+        tensor_arena_size=None,
+    )
+    base.update(
+        ops=sorted(counts),
+        op_counts=dict(sorted(counts.items())),
+        inputs=[{"shape": infer_shape, "dtype": "float32"}],
+        outputs=[
+            {
+                "shape": [-1, *c.training["model"].outputs[0].shape[1:]],
+                "dtype": "float32",
+            }
+        ],
+        parity={
+            "samples": check["samples"],
+            "max_abs_error": check["infer_max_abs_error"],
+            "train_loss_abs_error": check["loss_abs_error"],
+            "train_weights_max_abs_error": check["weights_max_abs_error"],
+        },
+        conversion={
+            "quantization": c.target.quantization,
+            "frozen_weights": "int8" if "float_tflite" in c.training else "float32",
+            "io_dtype": "float32",
+            "batch_size": c.training["batch_size"],
+            "builtin_ops_only": True,
+        },
+        training={
+            **c.training["report"],
+            "ops_by_signature": by_signature,
+            "check": check,
+        },
+    )
+    c.report = {**base, **c.report}
+    return {"ops": len(counts), "within_tolerance": check["within_tolerance"]}
+
+
 def verify(c):
     """Verified when TFLite Micro agrees with LiteRT; `strict=True` raises
     when the model does not fit or is not verified."""
-    c.report["verified"] = bool(c.report["parity"].get("tflm_within_tolerance", True))
+    c.report["verified"] = bool(
+        c.report["parity"].get("tflm_within_tolerance", True)
+    ) and bool(
+        c.report.get("training", {}).get("check", {}).get("within_tolerance", True)
+    )
     fits = bool(c.report["budget"]["fits"])
     if c.options["strict"] and not fits:
         raise DoesNotFitError(
             "The model does not fit: " + "; ".join(c.report["budget"]["problems"])
         )
     if c.options["strict"] and not c.report["verified"]:
+        if "training" in c.report:
+            raise VerificationError(
+                "The exported train step differs from the same step in Keras: "
+                f"{c.report['training']['check']}"
+            )
         raise VerificationError(
             "TFLite Micro outputs differ from LiteRT's reference kernels: "
             f"{c.report['parity']}"
