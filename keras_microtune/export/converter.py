@@ -14,6 +14,7 @@ import re
 
 from keras_microtune.export import compression as compression_lib
 from keras_microtune.export import pipeline, preprocessing
+from keras_microtune.export import precision as precision_lib
 from keras_microtune.export import targets as targets_lib
 from keras_microtune.export.passes import flatbuffer, keras_level, measurements
 from keras_microtune.export.result import (  # noqa: F401 - import paths kept
@@ -28,8 +29,13 @@ _check_mcu_ops = flatbuffer.check_ops  # Kept for callers of the old name.
 
 
 def convert_to_tflite(c):
-    """The TFLite converter: the traced model -> a flatbuffer for the target."""
+    """The TFLite converter: the traced model -> a flatbuffer for the target.
+
+    With `precision=...`: calibrated once, quantized with the chosen layers
+    in int16/float32 (`precision.Mixed`); `"auto"` starts from all-int8."""
     rep = c.transform(c.rep)
+    if c.precision is not None:
+        return _convert_mixed(c, rep)
     c.tflite = _tflite_convert(
         c.converted_model,
         c.concrete,
@@ -45,12 +51,38 @@ def convert_to_tflite(c):
     }
 
 
+def _convert_mixed(c, rep):
+    if c.qat or rep is None:
+        raise ValueError(
+            "`precision` applies to post-training quantization with "
+            "`representative_data`; this model was trained with quantization-aware "
+            "training (its ranges are fixed) or no calibration data was given. "
+            "Pass representative_data, or precision=None."
+        )
+    try:
+        c.mixed = precision_lib.Mixed(
+            c.converted_model, c.concrete, rep, c.target, c.options["verbose"]
+        )
+        choice = {} if c.precision == "auto" else c.precision
+        c.tflite = c.mixed.build(choice)
+    except ValueError:
+        raise
+    except Exception as e:  # ConverterError and friends.
+        raise _conversion_error(e, c.converted_model, c.target) from None
+    return {
+        "quantization": c.target.quantization,
+        "calibration_samples": keras_level.calibration_samples(c),
+        "precision": c.precision,
+    }
+
+
 PASSES = (
     # Keras level (passes/keras_level.py): the model as Keras sees it.
     keras_level.load,
     keras_level.strip_pruning,
     keras_level.merge_adapters,
     keras_level.plan_preprocessing,
+    keras_level.plan_precision,
     keras_level.trace,
     keras_level.detect_qat,
     keras_level.data_to_arrays,
@@ -58,12 +90,16 @@ PASSES = (
     convert_to_tflite,
     # Flatbuffer passes (passes/flatbuffer.py): check and rewrite the .tflite.
     flatbuffer.check_mcu_ops,
+    flatbuffer.check_full_int8,
+    measurements.layer_errors,  # Before `strip`: it needs the tensor names.
+    flatbuffer.auto_precision,
     flatbuffer.strip,
     flatbuffer.compress,
     flatbuffer.memory_plan,
     flatbuffer.input_metadata,
     # Measurements (passes/measurements.py): run it, assemble the report.
     measurements.arena,
+    measurements.precision_costs,
     measurements.vela,
     measurements.parity,
     measurements.budget,
@@ -79,6 +115,7 @@ def convert(
     validation_data=None,
     output_dir: str | os.PathLike | None = None,
     compression: str | None = None,
+    precision: dict | str | None = None,
     input_type: str | None = None,
     strict: bool = False,
     overwrite: bool = False,
@@ -106,6 +143,13 @@ def convert(
             tensor. Verified bit-exact in TFLite Micro; see
             `report["compression"]`. Only TFLite Micro built with
             `USE_TFLM_COMPRESSION=1` loads the result. Defaults to `None`.
+        precision: dict, `"auto"` or None. int8 targets: `{"layer name or
+            regex": "int16" | "float32"}` computes those layers in 16x8 or
+            float (QUANTIZE/DEQUANTIZE at their borders); a layer whose op
+            TFLite Micro cannot run at that precision is refused before
+            converting. `"auto"` raises the layers losing the most SQNR
+            within 10% more flash. See `report["precision"]` and
+            `report["precision_costs"]`. Defaults to `None` (all int8).
         input_type: str or None. MCU targets only: dtype of the model input,
             `"int8"`, `"uint8"` (camera frames, 8-bit ADCs) or `"int16"`
             (TFLite's 16x8 mode: int16 activations and output, int8 weights).
@@ -136,6 +180,7 @@ def convert(
         "validation_data": validation_data,
         "compression": compression_lib.check(compression, target),
         "input_type": preprocessing.check_input_type(input_type, target),
+        "precision": precision_lib.check(precision, target, input_type),
         "strict": strict,
         "safe_mode": safe_mode,
         "verbose": verbose,
@@ -178,16 +223,20 @@ def _tflite_convert(model, concrete, target, rep, qat, verbose, input_type=None)
     try:
         return conv.convert()
     except Exception as e:  # ConverterError and friends.
-        message = str(e)
-        tf_ops = sorted(set(re.findall(r"'tf\.(\w+)'", message)))
-        layers = keras_level.layers_with_ops(model, set(tf_ops))
-        first = next((ln for ln in message.splitlines() if "rror" in ln), message)
-        raise ValueError(
-            f"The model cannot be converted to builtin TFLite ops for target "
-            f"{target.name!r}. Unsupported TensorFlow ops: {tf_ops or 'unknown'}; "
-            f"layers involved: {layers or 'unknown'}. Replace these layers with "
-            f"ones TFLite supports natively. Converter said: {first.strip()[:400]}"
-        ) from None
+        raise _conversion_error(e, model, target) from None
+
+
+def _conversion_error(e, model, target) -> ValueError:
+    message = str(e)
+    tf_ops = sorted(set(re.findall(r"'tf\.(\w+)'", message)))
+    layers = keras_level.layers_with_ops(model, set(tf_ops))
+    first = next((ln for ln in message.splitlines() if "rror" in ln), message)
+    return ValueError(
+        f"The model cannot be converted to builtin TFLite ops for target "
+        f"{target.name!r}. Unsupported TensorFlow ops: {tf_ops or 'unknown'}; "
+        f"layers involved: {layers or 'unknown'}. Replace these layers with "
+        f"ones TFLite supports natively. Converter said: {first.strip()[:400]}"
+    )
 
 
 def _representative(xs, verbose):
