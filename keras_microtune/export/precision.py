@@ -54,7 +54,7 @@ ACTIVATIONS = {
     "tanh": ("TANH", _BOTH),
     "sigmoid": ("LOGISTIC", _BOTH),
     "softmax": ("SOFTMAX", _BOTH),
-    "hard_swish": ("HARD_SWISH", ("float32",)),
+    "hard_silu": ("HARD_SWISH", ("float32",)),  # keras "hard_swish"
 }
 # precision="auto": raise layers until every layer reaches this SQNR, the
 # flatbuffer would grow by more than this ratio (or these bytes, whichever is
