@@ -146,12 +146,11 @@ def resolve(model, spec: dict) -> dict[str, str]:
         dtype = chosen.get(layer.name, "int8")
         op, allowed = layer_op(layer)
         if dtype != "int8" and dtype not in allowed:
-            options = f"it runs in {list(allowed)}" if allowed else "only int8"
             raise ValueError(
                 f"Layer {layer.name!r} ({type(layer).__name__}, TFLite op {op}) "
-                f"cannot run in {dtype} in TFLite Micro: {options} is verified "
-                f"for it. Choose another precision for {layer.name!r} or leave "
-                "it int8."
+                f"cannot run in {dtype} in TFLite Micro: it is verified in "
+                f"{['int8', *allowed]} only. Choose one of these for "
+                f"{layer.name!r} in `precision`, or leave it int8."
             )
     return {k: v for k, v in chosen.items() if v != "int8"}
 
