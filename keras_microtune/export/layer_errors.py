@@ -61,12 +61,27 @@ def layer_scopes(model, concrete) -> dict[str, object]:
     return scopes
 
 
-def _single_output(layer):
-    try:
-        out = layer.output
-    except (AttributeError, ValueError):  # Shared layer: several outputs.
-        return None
-    return None if isinstance(out, (list, tuple, dict)) else out
+def layer_outputs(model) -> dict[int, object]:
+    """id(layer) -> its output KerasTensor in `model`'s own graph.
+
+    A model cut out of another (a folded preprocessing layer removed) shares
+    its layers, whose `layer.output` is the first model's tensor; the nodes
+    of this model's graph give its own. Layers with several outputs, or
+    called several times in the model, are left out.
+    """
+    graph = getattr(model, "_functional", None) or model
+    nodes = [n for d in getattr(graph, "_nodes_by_depth", {}).values() for n in d]
+    out, seen = {}, set()
+    for node in nodes:
+        layer = node.operation
+        if layer is None or node.is_input or len(node.output_tensors) != 1:
+            continue
+        if id(layer) in seen:  # Shared layer: no single output.
+            out.pop(id(layer), None)
+            continue
+        seen.add(id(layer))
+        out[id(layer)] = node.output_tensors[0]
+    return out
 
 
 def owners(model, concrete, info) -> dict[int, object]:
@@ -103,11 +118,11 @@ def map_tensors(model, concrete, info) -> list[tuple[object, int]]:
         for t in outs
         if t >= 0
     ]
-    sizes = {id(layer): _single_output(layer) for layer in model.layers}
+    outputs = layer_outputs(model)
     last = {}
     for t in produced:
         layer = owner.get(t)
-        out = None if layer is None else sizes[id(layer)]
+        out = None if layer is None else outputs.get(id(layer))
         if out is not None and _size(info.tensors[t].shape) == _size(out.shape[1:]):
             last[id(layer)] = (layer, t)
     position = {t: k for k, t in enumerate(produced)}
@@ -199,7 +214,8 @@ def measure(model, concrete, tflite, info, xs) -> list[dict]:
         return []
     xs = [x[:MAX_SAMPLES] for x in xs]
     inputs = model.inputs if len(model.inputs) > 1 else model.inputs[0]
-    probe = keras.Model(inputs, [layer.output for layer, _ in pairs])
+    outputs = layer_outputs(model)
+    probe = keras.Model(inputs, [outputs[id(layer)] for layer, _ in pairs])
     expected = _model.predict(probe, xs)
     got = _run_all(tflite, xs, [t for _, t in pairs])
     producer = {t: op for op, _, outs in info.op_sequence for t in outs}

@@ -180,8 +180,9 @@ def quantize_16x8(model, concrete, rep, verbose=0) -> bytes:
     conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
     conv.experimental_lower_to_saved_model = False
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.target_spec.supported_ops = [
-        tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+    conv.target_spec.supported_ops = [  # Float where 16x8 has no kernel.
+        tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8,
+        tf.lite.OpsSet.TFLITE_BUILTINS,
     ]
     conv.representative_dataset = converter._representative(rep, verbose)
     return conv.convert()
@@ -468,7 +469,7 @@ def sqnr_drops(rows, order) -> list[tuple[float, str]]:
     return sorted(drops, key=lambda d: -d[0])
 
 
-def auto(mixed, rows, measure, order) -> tuple[dict, bytes, list, list]:
+def auto(mixed, rows, measure, order, start=None) -> tuple[dict, bytes, list, list]:
     """`precision="auto"`: raise, one at a time, the layer that loses the most
     SQNR (to int16 where TFLite Micro has the kernel, else float32), keeping
     a raise only when it lifts the worst layer's SQNR, until every layer
@@ -479,14 +480,16 @@ def auto(mixed, rows, measure, order) -> tuple[dict, bytes, list, list]:
     Args:
         mixed: the `Mixed` state; rows: all-int8 `layer_errors` rows;
         measure: flatbuffer -> its `layer_errors` rows; order: layer names
-            in execution order.
+            in execution order; start: `{layer: dtype}` already chosen (the
+            layers TFLite's quantizer leaves in float), `rows` measured with it.
 
     Returns:
         `(choice, tflite, rows, steps)`; `steps` records each trial.
     """
     layers = {ly.name: ly for ly in mixed.model.layers}
-    choice, tflite, steps, tried = {}, mixed.baseline, [], set()
-    size_int8 = len(_tflite.strip(mixed.baseline))
+    choice = dict(start or {})
+    tflite, steps, tried = mixed.build(choice), [], set()
+    size_int8 = len(_tflite.strip(tflite))
     budget = max(AUTO_MAX_SIZE_RATIO * size_int8, size_int8 + AUTO_MIN_BUDGET_BYTES)
     while len(steps) < AUTO_MAX_STEPS and rows:
         worst = min(r["sqnr_db"] for r in rows)

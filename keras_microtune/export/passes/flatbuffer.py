@@ -44,6 +44,8 @@ def check_full_int8(c):
     rows = float_layers(c.converted_model, c.concrete, c.info)
     c.report["float_layers"] = rows
     asked = c.precision if isinstance(c.precision, dict) else {}
+    if c.precision == "auto":  # "auto" takes float32 where TFLite Micro has it.
+        asked = auto_float_layers(c.converted_model, rows)
     bad = [r for r in rows if asked.get(r["layer"]) != "float32"]
     if bad:
         named = ", ".join(f"{r['layer']!r} ({r['op']})" for r in bad)
@@ -55,6 +57,20 @@ def check_full_int8(c):
             "accept float there with precision={<layer>: 'float32'}."
         )
     return {"float_layers": [r["layer"] for r in rows]}
+
+
+def auto_float_layers(model, rows) -> dict[str, str]:
+    """`precision="auto"`: the layers the quantizer left in float whose op
+    TFLite Micro runs in float32 (`precision.layer_op`), as `{layer: "float32"}`."""
+    from keras_microtune.export import precision
+
+    layers = {ly.name: ly for ly in getattr(model, "layers", [])}
+    return {
+        r["layer"]: "float32"
+        for r in rows
+        if r["layer"] in layers
+        and "float32" in precision.layer_op(layers[r["layer"]])[1]
+    }
 
 
 def float_layers(model, concrete, info) -> list[dict]:
@@ -99,8 +115,15 @@ def auto_precision(c):
         info = _tflite.parse(tflite)
         return layer_errors.measure(model, concrete, tflite, info, x_eval)
 
-    rows = c.report.get("layer_errors") or measure(c.tflite)
-    choice, tflite, rows, steps = precision.auto(c.mixed, rows, measure, order)
+    start = auto_float_layers(model, c.report.get("float_layers") or [])
+    if start:  # Quantize those layers as float32 on purpose (whole layer).
+        c.tflite = c.mixed.build(start)
+        rows = measure(c.tflite)
+    else:
+        rows = c.report.get("layer_errors") or measure(c.tflite)
+    choice, tflite, rows, steps = precision.auto(
+        c.mixed, rows, measure, order, start=start
+    )
     c.precision = choice
     c.tflite = tflite
     c.report["layer_errors"] = rows
