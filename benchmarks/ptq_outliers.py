@@ -80,7 +80,8 @@ def main(argv=None):
     rows.append(('precision="auto"', tflm(auto), auto))
     print(f"outlier scale {args.scale:g} on hidden1 unit {unit}")
     print(
-        "| model | accuracy (TFLite Micro) | size B | arena B | worst layer SQNR dB | precision |"
+        "| model | accuracy (TFLite Micro) | size B | arena B "
+        "| worst layer SQNR dB | precision |"
     )
     print("|---|---|---|---|---|---|")
     for name, acc, result in rows:
