@@ -61,7 +61,10 @@ def _convert_mixed(c, rep):
         )
     try:
         c.mixed = precision_lib.Mixed(
-            c.converted_model, c.concrete, rep, c.target, c.options["verbose"]
+            c.converted_model,
+            c.concrete,
+            _representative(rep, c.options["verbose"]),
+            c.target,
         )
         choice = {} if c.precision == "auto" else c.precision
         c.tflite = c.mixed.build(choice)

@@ -7,7 +7,8 @@ then quantized from that one calibration:
   stay float; DEQUANTIZE before, QUANTIZE after);
 - int16 layers (16-bit activations, 8-bit weights, 64-bit biases) by taking
   their ops from a 16x8 quantization of the same calibration and putting
-  QUANTIZE ops (int8 <-> int16 requantization) at the borders (`splice`).
+  QUANTIZE ops (int8 <-> int16 requantization) at the borders
+  (`splice16.splice`).
 
 Only layer types whose op TFLite Micro runs at the asked precision are
 accepted (`KERNELS`, each entry run in TFLite Micro by
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import re
 
-from keras_microtune.export import _tflite
+from keras_microtune.export import _tflite, splice16
 
 DTYPES = ("int8", "int16", "float32")
 # Keras layer class -> (TFLite op it lowers to, precisions TFLite Micro runs).
@@ -155,27 +156,24 @@ def resolve(model, spec: dict) -> dict[str, str]:
     return {k: v for k, v in chosen.items() if v != "int8"}
 
 
-def calibrate(model, concrete, rep, verbose=0) -> bytes:
-    """The float flatbuffer with calibration statistics (not yet quantized)."""
+def calibrate(model, concrete, representative) -> bytes:
+    """The float flatbuffer with calibration statistics (not yet quantized);
+    `representative` is the TFLite converter's `representative_dataset`."""
     import tensorflow as tf
-
-    from keras_microtune.export import converter
 
     conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
     conv.experimental_lower_to_saved_model = False
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = converter._representative(rep, verbose)
+    conv.representative_dataset = representative
     conv._experimental_calibrate_only = True
     return conv.convert()
 
 
-def quantize_16x8(model, concrete, rep, verbose=0) -> bytes:
+def quantize_16x8(model, concrete, representative) -> bytes:
     """The whole model in TFLite's 16x8 mode (float I/O), from which `splice`
     takes the int16 layers' ops (TFLite's 16x8 quantizer calibrates itself)."""
     import tensorflow as tf
-
-    from keras_microtune.export import converter
 
     conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
     conv.experimental_lower_to_saved_model = False
@@ -184,7 +182,7 @@ def quantize_16x8(model, concrete, rep, verbose=0) -> bytes:
         tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8,
         tf.lite.OpsSet.TFLITE_BUILTINS,
     ]
-    conv.representative_dataset = converter._representative(rep, verbose)
+    conv.representative_dataset = representative
     return conv.convert()
 
 
@@ -224,23 +222,24 @@ def quantize(calibrated, cal_info, owner, choice, target, q16=None) -> bytes:
     ]
     if not wide:
         return q8
-    return splice(q8, q16(), wide)
+    return splice16.splice(q8, q16(), wide)
 
 
 class Mixed:
     """One calibration of a model, quantized with any choice of precisions.
 
     Args:
-        model: the traced Keras model; concrete: its trace; rep: calibration
-            inputs (list of arrays); target: the `Target`.
+        model: the traced Keras model; concrete: its trace; representative:
+            the TFLite converter's `representative_dataset` (a generator
+            function of calibration samples); target: the `Target`.
     """
 
-    def __init__(self, model, concrete, rep, target, verbose=0):
+    def __init__(self, model, concrete, representative, target):
         from keras_microtune.export import layer_errors
 
-        self.model, self.concrete, self.rep, self.target = model, concrete, rep, target
-        self.verbose = verbose
-        self.calibrated = calibrate(model, concrete, rep, verbose)
+        self.model, self.concrete, self.target = model, concrete, target
+        self.representative = representative
+        self.calibrated = calibrate(model, concrete, representative)
         self.cal_info = _tflite.parse(self.calibrated)
         owners = layer_errors.owners(model, concrete, self.cal_info)
         self.owner = {t: layer.name for t, layer in owners.items()}
@@ -250,7 +249,7 @@ class Mixed:
 
     def q16(self) -> bytes:
         if self._q16 is None:
-            self._q16 = quantize_16x8(self.model, self.concrete, self.rep, self.verbose)
+            self._q16 = quantize_16x8(self.model, self.concrete, self.representative)
         return self._q16
 
     def build(self, choice: dict) -> bytes:
@@ -266,159 +265,6 @@ class Mixed:
                 self.q16,
             )
         return self._built[key]
-
-
-_BORDER = {"QUANTIZE", "DEQUANTIZE"}
-
-
-def _body(model, names):
-    """Indices of a quantized subgraph's ops that are not border conversions."""
-    ops = model.subgraphs[0].operators
-    return [
-        k
-        for k, op in enumerate(ops)
-        if names[model.operatorCodes[op.opcodeIndex].builtinCode] not in _BORDER
-    ]
-
-
-def splice(q8: bytes, q16: bytes, wide: list[int]) -> bytes:
-    """`q8` with its `wide`-th ops (counted without QUANTIZE/DEQUANTIZE, as in
-    the calibrated model) taken from the 16x8 model `q16`, joined by
-    QUANTIZE ops that requantize int8 <-> int16 at their borders."""
-    import copy
-
-    import flatbuffers
-
-    schema = _tflite._schema()
-    names = _tflite.op_names()
-    m8 = schema.ModelT.InitFromObj(schema.Model.GetRootAs(bytes(q8), 0))
-    m16 = schema.ModelT.InitFromObj(schema.Model.GetRootAs(bytes(q16), 0))
-    s8, s16 = m8.subgraphs[0], m16.subgraphs[0]
-    body8, body16 = _body(m8, names), _body(m16, names)
-    codes8 = [names[c.builtinCode] for c in m8.operatorCodes]
-    codes16 = [names[c.builtinCode] for c in m16.operatorCodes]
-    if [codes8[s8.operators[k].opcodeIndex] for k in body8] != [
-        codes16[s16.operators[k].opcodeIndex] for k in body16
-    ]:
-        raise ValueError(
-            "int16 layers: the int8 and 16x8 quantizations of the model differ in "
-            "their ops, so they cannot be joined. Use 'float32' for these layers."
-        )
-
-    def opcode(name, version):
-        for i, code in enumerate(m8.operatorCodes):
-            if names[code.builtinCode] == name:
-                code.version = max(code.version, version)
-                return i
-        code = schema.OperatorCodeT()
-        code.builtinCode = getattr(schema.BuiltinOperator, name)
-        code.deprecatedBuiltinCode = min(code.builtinCode, 127)
-        code.version = version
-        m8.operatorCodes.append(code)
-        return len(m8.operatorCodes) - 1
-
-    def add_tensor(tensor, buffer_data=None):
-        tensor = copy.copy(tensor)
-        buffer = schema.BufferT()
-        buffer.data = buffer_data
-        m8.buffers.append(buffer)
-        tensor.buffer = len(m8.buffers) - 1
-        s8.tensors.append(tensor)
-        return len(s8.tensors) - 1
-
-    quantize_code = opcode("QUANTIZE", 3)  # Version 3: int16 in or out.
-    wide_ops = {body8[k]: body16[k] for k in wide}
-    produced_wide = {}  # int8 tensor index -> its int16 twin
-    for k8, k16 in wide_ops.items():
-        for t8, t16 in zip(s8.operators[k8].outputs, s16.operators[k16].outputs):
-            produced_wide[t8] = add_tensor(s16.tensors[t16])
-    widened_inputs = {}
-    operators = []
-    for k, op in enumerate(s8.operators):
-        if k not in wide_ops:
-            operators.append(op)
-            continue
-        op16 = s16.operators[wide_ops[k]]
-        inputs = []
-        for t8, t16 in zip(op.inputs, op16.inputs):
-            if t8 < 0:
-                inputs.append(t8)
-            elif t8 in produced_wide:
-                inputs.append(produced_wide[t8])
-            elif m8.buffers[s8.tensors[t8].buffer].data is not None and len(
-                m8.buffers[s8.tensors[t8].buffer].data
-            ):
-                data = m16.buffers[s16.tensors[t16].buffer].data
-                inputs.append(add_tensor(s16.tensors[t16], data))
-            else:  # An int8 activation entering the int16 layer.
-                if t8 not in widened_inputs:
-                    widened_inputs[t8] = add_tensor(s16.tensors[t16])
-                    operators.append(
-                        _quantize_op(schema, quantize_code, t8, widened_inputs[t8])
-                    )
-                inputs.append(widened_inputs[t8])
-        op_wide = copy.copy(op16)
-        op_wide.inputs = inputs
-        op_wide.outputs = [produced_wide[t] for t in op.outputs]
-        op_wide.opcodeIndex = opcode(
-            codes16[op16.opcodeIndex], m16.operatorCodes[op16.opcodeIndex].version
-        )
-        operators.append(op_wide)
-        for t8 in op.outputs:  # Back to int8 for int8 readers and graph outputs.
-            operators.append(_quantize_op(schema, quantize_code, produced_wide[t8], t8))
-    s8.operators = _drop_unused_narrowing(operators, produced_wide, s8, names, m8)
-    _drop_unused_tensors(s8, m8)
-    m8.buffers = [_tflite._AlignedBuffer(b.data) for b in m8.buffers]
-    builder = flatbuffers.Builder(len(q8) + len(q16) + 1024)
-    builder.Finish(m8.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
-
-
-def _drop_unused_tensors(sub, model):
-    """Remove the tensors no op reads or writes (the int8 weights the int16
-    ops replaced) and empty their buffers; renumber the rest."""
-    used = {int(t) for op in sub.operators for t in [*op.inputs, *op.outputs]}
-    used |= {int(t) for t in [*sub.inputs, *sub.outputs]}
-    used.discard(-1)
-    keep = sorted(used)
-    index = {old: new for new, old in enumerate(keep)}
-    kept_buffers = {sub.tensors[t].buffer for t in keep}
-    for tensor in sub.tensors:
-        if tensor.buffer not in kept_buffers:
-            model.buffers[tensor.buffer].data = None
-    sub.tensors = [sub.tensors[t] for t in keep]
-    for op in sub.operators:
-        op.inputs = [index.get(int(t), -1) for t in op.inputs]
-        op.outputs = [index[int(t)] for t in op.outputs]
-        if op.intermediates is not None and len(op.intermediates):
-            op.intermediates = [index.get(int(t), -1) for t in op.intermediates]
-    sub.inputs = [index[int(t)] for t in sub.inputs]
-    sub.outputs = [index[int(t)] for t in sub.outputs]
-
-
-def _quantize_op(schema, code, source, dest):
-    op = schema.OperatorT()
-    op.opcodeIndex = code
-    op.inputs = [source]
-    op.outputs = [dest]
-    return op
-
-
-def _drop_unused_narrowing(operators, produced_wide, sub, names, model):
-    """Drop the int16 -> int8 QUANTIZE ops whose int8 result nobody reads."""
-    narrowed = {v: k for k, v in produced_wide.items()}
-    read = {t for op in operators for t in op.inputs} | set(sub.outputs)
-    out = []
-    for op in operators:
-        is_narrowing = (
-            len(op.inputs) == 1
-            and op.inputs[0] in narrowed
-            and op.outputs[0] == narrowed[op.inputs[0]]
-        )
-        if is_narrowing and op.outputs[0] not in read:
-            continue
-        out.append(op)
-    return out
 
 
 def costs(size: int, size_int8: int, arena: int | None, arena_int8) -> dict:
