@@ -13,6 +13,7 @@ import os
 import re
 
 from keras_microtune.export import compression as compression_lib
+from keras_microtune.export import patch_inference as patch_lib
 from keras_microtune.export import pipeline, preprocessing
 from keras_microtune.export import precision as precision_lib
 from keras_microtune.export import targets as targets_lib
@@ -93,9 +94,11 @@ PASSES = (
     convert_to_tflite,
     # Flatbuffer passes (passes/flatbuffer.py): check and rewrite the .tflite.
     flatbuffer.check_mcu_ops,
+    flatbuffer.check_softmax_scale,
     flatbuffer.check_full_int8,
     measurements.layer_errors,  # Before `strip`: it needs the tensor names.
     flatbuffer.auto_precision,
+    flatbuffer.patch_inference,
     flatbuffer.strip,
     flatbuffer.compress,
     flatbuffer.memory_plan,
@@ -118,12 +121,13 @@ def convert(
     validation_data=None,
     output_dir: str | os.PathLike | None = None,
     compression: str | None = None,
-    precision: dict | str | None = None,
     input_type: str | None = None,
     strict: bool = False,
     overwrite: bool = False,
     safe_mode: bool = True,
     verbose: int = 1,
+    precision: dict | str | None = None,
+    patch_inference: str | dict | None = None,
 ) -> ConversionResult:
     """Convert a model for `target`, run it on the real runtimes, and measure it.
 
@@ -146,13 +150,6 @@ def convert(
             tensor. Verified bit-exact in TFLite Micro; see
             `report["compression"]`. Only TFLite Micro built with
             `USE_TFLM_COMPRESSION=1` loads the result. Defaults to `None`.
-        precision: dict, `"auto"` or None. int8 targets: `{"layer name or
-            regex": "int16" | "float32"}` computes those layers in 16x8 or
-            float (QUANTIZE/DEQUANTIZE at their borders); a layer whose op
-            TFLite Micro cannot run at that precision is refused before
-            converting. `"auto"` raises the layers losing the most SQNR
-            within 10% more flash. See `report["precision"]` and
-            `report["precision_costs"]`. Defaults to `None` (all int8).
         input_type: str or None. MCU targets only: dtype of the model input,
             `"int8"`, `"uint8"` (camera frames, 8-bit ADCs) or `"int16"`
             (TFLite's 16x8 mode: int16 activations and output, int8 weights).
@@ -164,6 +161,17 @@ def convert(
         overwrite: bool. Allow replacing a non-empty `output_dir`.
         safe_mode: bool. Keras safe deserialization for model files.
         verbose: int. 1 shows a calibration progress bar; 0 is silent.
+        precision: dict, `"auto"` or None. int8 targets: `{"layer name or
+            regex": "int16" | "float32"}` computes those layers in 16x8 or
+            float (QUANTIZE/DEQUANTIZE at their borders); a layer whose op
+            TFLite Micro cannot run at that precision is refused before
+            converting. `"auto"` raises the layers losing the most SQNR
+            within 10% more flash. See `report["precision"]` and
+            `report["precision_costs"]`. Defaults to `None` (all int8).
+        patch_inference: `"auto"`, `{"until": layer, "grid": (rows, cols)}` or
+            None. TFLite Micro targets: run the stage up to `until` patch by
+            patch to cut the arena (`report["patch_inference"]`; README
+            "Patch-based inference"). Defaults to `None`.
 
     Returns:
         A `ConversionResult`. `report["passes"]` lists the passes of
@@ -187,6 +195,7 @@ def convert(
         "strict": strict,
         "safe_mode": safe_mode,
         "verbose": verbose,
+        "patch_inference": patch_lib.check_option(patch_inference, target),
     }
     c = pipeline.run(pipeline.Conversion(model, target, options), PASSES)
     c.report["passes"] = c.passes

@@ -138,6 +138,10 @@ def parity(c):
         data = "random"
     tflite, info = c.litert_model
     arena_bytes = c.arena["arena_bytes"] if c.arena else None
+    if c.uncompressed is not None:
+        # The measured arena is the compressed model's, which may carry an
+        # offline plan the uncompressed one lacks: size this run generously.
+        arena_bytes = None
     result = parity_lib.measure(
         c.float_model,
         tflite,
