@@ -166,19 +166,26 @@ def test_forbidden_mcu_ops_name_their_layers():
 
 
 def test_layer_normalization_runs_in_tflite_micro():
-    # Not an error: it lowers to MEAN/SQUARED_DIFFERENCE/RSQRT, which TFLite
-    # Micro runs; verified against LiteRT like any other model.
+    # It lowers to MEAN/SQUARED_DIFFERENCE/RSQRT, but TFLite's int8 quantizer
+    # leaves one NEG in float (DEQUANTIZE, NEG, QUANTIZE): not full int8, so
+    # `mcu` refuses it by name; asked for in float32 it runs in TFLite Micro,
+    # verified against LiteRT like any other model.
     model = keras.Sequential(
         [
             keras.Input((8, 4)),
-            keras.layers.LayerNormalization(),
+            keras.layers.LayerNormalization(name="norm"),
             keras.layers.Flatten(),
             keras.layers.Dense(2),
         ]
     )
     x = np.random.default_rng(0).normal(size=(16, 8, 4)).astype("float32")
-    result = kmt.convert(model, "mcu", representative_data=x, verbose=0)
+    with pytest.raises(ValueError, match=r"in float: 'norm' \(NEG\)"):
+        kmt.convert(model, "mcu", representative_data=x, verbose=0)
+    result = kmt.convert(
+        model, "mcu", representative_data=x, precision={"norm": "float32"}, verbose=0
+    )
     assert "RSQRT" in result.ops and result.report["verified"]
+    assert result.report["precision"]["norm"] == "float32"
 
 
 # --- convert(): output locations ---------------------------------------------

@@ -5,7 +5,8 @@
   byte for byte.
 - the application template of `tflite/micro` (`project=True`).
 - PNG plots when matplotlib is installed: memory over the op sequence, flash
-  by layer, and, when given, training curves and confusion matrices.
+  by layer, per-layer error (int8 targets), and, when given, training curves
+  and confusion matrices.
 - `mobile.md` (LiteRT targets): loading snippets with the model's real
   shapes, dtypes and quantization parameters; for `mobile-trainable`, the
   training loop over its real signatures and weight names.
@@ -122,6 +123,8 @@ def plot_files(result, history=None, evaluations=None) -> dict[str, bytes]:
             result.arena_bytes,
         )
         draw("flash.png", plots.flash_breakdown, flash_rows(result.tflite, info))
+        if result.report.get("layer_errors"):
+            draw("layer_errors.png", plots.layer_errors, result.report["layer_errors"])
         patched = result.report.get("patch_inference") or {}
         if patched.get("applied"):
             draw(

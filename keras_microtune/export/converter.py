@@ -15,6 +15,7 @@ import re
 from keras_microtune.export import compression as compression_lib
 from keras_microtune.export import patch_inference as patch_lib
 from keras_microtune.export import pipeline, preprocessing, trainable
+from keras_microtune.export import precision as precision_lib
 from keras_microtune.export import targets as targets_lib
 from keras_microtune.export.passes import flatbuffer, keras_level, measurements
 from keras_microtune.export.result import (  # noqa: F401 - import paths kept
@@ -29,8 +30,13 @@ _check_mcu_ops = flatbuffer.check_ops  # Kept for callers of the old name.
 
 
 def convert_to_tflite(c):
-    """The TFLite converter: the traced model -> a flatbuffer for the target."""
+    """The TFLite converter: the traced model -> a flatbuffer for the target.
+
+    With `precision=...`: calibrated once, quantized with the chosen layers
+    in int16/float32 (`precision.Mixed`); `"auto"` starts from all-int8."""
     rep = c.transform(c.rep)
+    if c.precision is not None:
+        return _convert_mixed(c, rep)
     c.tflite = _tflite_convert(
         c.converted_model,
         c.concrete,
@@ -55,12 +61,41 @@ def convert_trainable(c):
     return {"signatures": list(trainable.SIGNATURES)}
 
 
+def _convert_mixed(c, rep):
+    if c.qat or rep is None:
+        raise ValueError(
+            "`precision` applies to post-training quantization with "
+            "`representative_data`; this model was trained with quantization-aware "
+            "training (its ranges are fixed) or no calibration data was given. "
+            "Pass representative_data, or precision=None."
+        )
+    try:
+        c.mixed = precision_lib.Mixed(
+            c.converted_model,
+            c.concrete,
+            _representative(rep, c.options["verbose"]),
+            c.target,
+        )
+        choice = {} if c.precision == "auto" else c.precision
+        c.tflite = c.mixed.build(choice)
+    except ValueError:
+        raise
+    except Exception as e:  # ConverterError and friends.
+        raise _conversion_error(e, c.converted_model, c.target) from None
+    return {
+        "quantization": c.target.quantization,
+        "calibration_samples": keras_level.calibration_samples(c),
+        "precision": c.precision,
+    }
+
+
 PASSES = (
     # Keras level (passes/keras_level.py): the model as Keras sees it.
     keras_level.load,
     keras_level.strip_pruning,
     keras_level.merge_adapters,
     keras_level.plan_preprocessing,
+    keras_level.plan_precision,
     keras_level.trace,
     keras_level.detect_qat,
     keras_level.data_to_arrays,
@@ -69,6 +104,9 @@ PASSES = (
     # Flatbuffer passes (passes/flatbuffer.py): check and rewrite the .tflite.
     flatbuffer.check_mcu_ops,
     flatbuffer.check_softmax_scale,
+    flatbuffer.check_full_int8,
+    measurements.layer_errors,  # Before `strip`: it needs the tensor names.
+    flatbuffer.auto_precision,
     flatbuffer.patch_inference,
     flatbuffer.strip,
     flatbuffer.compress,
@@ -76,6 +114,7 @@ PASSES = (
     flatbuffer.input_metadata,
     # Measurements (passes/measurements.py): run it, assemble the report.
     measurements.arena,
+    measurements.precision_costs,
     measurements.vela,
     measurements.parity,
     measurements.budget,
@@ -111,6 +150,7 @@ def convert(
     overwrite: bool = False,
     safe_mode: bool = True,
     verbose: int = 1,
+    precision: dict | str | None = None,
     patch_inference: str | dict | None = None,
     train_batch_size: int | None = None,
 ) -> ConversionResult:
@@ -146,6 +186,13 @@ def convert(
         overwrite: bool. Allow replacing a non-empty `output_dir`.
         safe_mode: bool. Keras safe deserialization for model files.
         verbose: int. 1 shows a calibration progress bar; 0 is silent.
+        precision: dict, `"auto"` or None. int8 targets: `{"layer name or
+            regex": "int16" | "float32"}` computes those layers in 16x8 or
+            float (QUANTIZE/DEQUANTIZE at their borders); a layer whose op
+            TFLite Micro cannot run at that precision is refused before
+            converting. `"auto"` raises the layers losing the most SQNR
+            within 10% more flash. See `report["precision"]` and
+            `report["precision_costs"]`. Defaults to `None` (all int8).
         patch_inference: `"auto"`, `{"until": layer, "grid": (rows, cols)}` or
             None. TFLite Micro targets: run the stage up to `until` patch by
             patch to cut the arena (`report["patch_inference"]`; README
@@ -183,6 +230,7 @@ def convert(
         "validation_data": validation_data,
         "compression": compression_lib.check(compression, target),
         "input_type": preprocessing.check_input_type(input_type, target),
+        "precision": precision_lib.check(precision, target, input_type),
         "strict": strict,
         "safe_mode": safe_mode,
         "verbose": verbose,
@@ -228,16 +276,20 @@ def _tflite_convert(model, concrete, target, rep, qat, verbose, input_type=None)
     try:
         return conv.convert()
     except Exception as e:  # ConverterError and friends.
-        message = str(e)
-        tf_ops = sorted(set(re.findall(r"'tf\.(\w+)'", message)))
-        layers = keras_level.layers_with_ops(model, set(tf_ops))
-        first = next((ln for ln in message.splitlines() if "rror" in ln), message)
-        raise ValueError(
-            f"The model cannot be converted to builtin TFLite ops for target "
-            f"{target.name!r}. Unsupported TensorFlow ops: {tf_ops or 'unknown'}; "
-            f"layers involved: {layers or 'unknown'}. Replace these layers with "
-            f"ones TFLite supports natively. Converter said: {first.strip()[:400]}"
-        ) from None
+        raise _conversion_error(e, model, target) from None
+
+
+def _conversion_error(e, model, target) -> ValueError:
+    message = str(e)
+    tf_ops = sorted(set(re.findall(r"'tf\.(\w+)'", message)))
+    layers = keras_level.layers_with_ops(model, set(tf_ops))
+    first = next((ln for ln in message.splitlines() if "rror" in ln), message)
+    return ValueError(
+        f"The model cannot be converted to builtin TFLite ops for target "
+        f"{target.name!r}. Unsupported TensorFlow ops: {tf_ops or 'unknown'}; "
+        f"layers involved: {layers or 'unknown'}. Replace these layers with "
+        f"ones TFLite supports natively. Converter said: {first.strip()[:400]}"
+    )
 
 
 def _representative(xs, verbose):

@@ -37,6 +37,9 @@ class Conversion:
             for other targets).
         arena, memory, vela: TFLite Micro arena, memory-plan report entries,
             Vela figures (None / {} until measured).
+        precision: `convert(precision=...)` resolved: `{layer: dtype}` of the
+            layers not in int8, or "auto"; `mixed`: the `precision.Mixed`
+            state (calibration, all-int8 baseline) when precision is asked.
         report: report entries written by the passes; `passes`: their records;
             `timings`: pass name -> wall seconds.
     """
@@ -59,6 +62,8 @@ class Conversion:
     arena: dict | None = None
     memory: dict = dataclasses.field(default_factory=dict)
     vela: dict | None = None
+    precision: object = None
+    mixed: object = None
     report: dict = dataclasses.field(default_factory=dict)
     passes: list = dataclasses.field(default_factory=list)
     timings: dict = dataclasses.field(default_factory=dict)

@@ -171,3 +171,22 @@ def flash_breakdown(rows, path) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def layer_errors(rows, path) -> str:
+    """SQNR (dB) of each layer's converted output against float, worst first."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.28 * len(rows) + 1)))
+    y = np.arange(len(rows))
+    sqnr = np.array([r["sqnr_db"] for r in rows], "float64")
+    colors = ["#c44e52" if v < 20 else "#4c72b0" for v in sqnr]
+    ax.barh(y, sqnr, color=colors)
+    ax.set_yticks(y, [f"{r['layer']} ({r['dtype']})" for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(20, color="#888888", ls="--", lw=1)
+    ax.set_xlabel("SQNR vs float (dB, higher is better; red: below 20 dB)")
+    ax.set_title("Per-layer error, worst first")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

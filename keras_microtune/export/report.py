@@ -191,8 +191,28 @@ def markdown(report: dict) -> str:
             "measured arena plus 20% and 1024 bytes for optimized kernels' scratch "
             "buffers (CMSIS-NN, ESP-NN) and 32-bit layout differences.",
         ]
+    lines += layer_errors_table(report.get("layer_errors"))
     lines += _passes_table(report.get("passes"))
     return "\n".join(lines) + "\n"
+
+
+def layer_errors_table(rows) -> list[str]:
+    """report.md's "Per-layer error" section, worst layer first."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Per-layer error (converted vs float, worst first)",
+        "",
+        "| layer | SQNR dB | cosine | max abs error | op | dtype |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {_md(r['layer'])} | {r['sqnr_db']:.1f} | {r['cosine']:.5f} | "
+            f"{r['max_abs_error']:.4g} | {r['op']} | {r['dtype']} |"
+        )
+    return lines
 
 
 def _passes_table(passes) -> list[str]:

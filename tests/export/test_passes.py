@@ -17,6 +17,8 @@ MCU_PASSES = [
     "convert_to_tflite",
     "check_mcu_ops",
     "check_softmax_scale",
+    "check_full_int8",
+    "layer_errors",
     "strip",
     "memory_plan",
     "arena",
@@ -26,6 +28,7 @@ MCU_PASSES = [
     "verify",
 ]
 MCU_ONLY = {"check_mcu_ops", "check_softmax_scale", "strip", "memory_plan", "arena"}
+MCU_ONLY |= {"check_full_int8", "layer_errors"}  # layer_errors: int8 targets.
 
 
 @pytest.fixture

@@ -4,8 +4,9 @@ Each pass takes the `pipeline.Conversion` and returns what it did (None: not
 applicable). A pass that rewrites the model sets `c.tflite` (or calls
 `c.set_tflite(data, info)` when it already parsed the new bytes); the runner
 records `bytes_before` / `bytes_after`. In order: `check_mcu_ops`,
-`check_softmax_scale`, `patch_inference`, `strip`, `compress`,
-`memory_plan`, `input_metadata`.
+`check_softmax_scale`, `check_full_int8`, (`measurements.layer_errors`),
+`auto_precision`, `patch_inference`, `strip`, `compress`, `memory_plan`,
+`input_metadata`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,108 @@ def check_mcu_ops(c):
         return None
     check_ops(c.info, c.target, c.options["input_type"], c.converted_model)
     return {"ops_checked": len(c.info.ops)}
+
+
+def check_full_int8(c):
+    """TFLite Micro targets: name the layers still computed in float (ops
+    between a DEQUANTIZE and a QUANTIZE) and refuse them unless
+    `precision` asked for float32 there."""
+    if not c.target.is_mcu:
+        return None
+    rows = float_layers(c.converted_model, c.concrete, c.info)
+    c.report["float_layers"] = rows
+    asked = c.precision if isinstance(c.precision, dict) else {}
+    if c.precision == "auto":  # "auto" takes float32 where TFLite Micro has it.
+        asked = auto_float_layers(c.converted_model, rows)
+    bad = [r for r in rows if asked.get(r["layer"]) != "float32"]
+    if bad:
+        named = ", ".join(f"{r['layer']!r} ({r['op']})" for r in bad)
+        raise ValueError(
+            f"Target {c.target.name!r} is full int8, but the converted model "
+            f"computes these layers in float: {named}; TFLite's quantizer has no "
+            "int8 kernel for their ops, so it left DEQUANTIZE/QUANTIZE around "
+            "them. Replace these layers with ones that have int8 kernels, or "
+            "accept float there with precision={<layer>: 'float32'}."
+        )
+    return {"float_layers": [r["layer"] for r in rows]}
+
+
+def auto_float_layers(model, rows) -> dict[str, str]:
+    """`precision="auto"`: the layers the quantizer left in float whose op
+    TFLite Micro runs in float32 (`precision.layer_op`), as `{layer: "float32"}`."""
+    from keras_microtune.export import precision
+
+    layers = {ly.name: ly for ly in getattr(model, "layers", [])}
+    return {
+        r["layer"]: "float32"
+        for r in rows
+        if r["layer"] in layers
+        and "float32" in precision.layer_op(layers[r["layer"]])[1]
+    }
+
+
+def float_layers(model, concrete, info) -> list[dict]:
+    """`{"layer", "op"}` for each op computing in float (not QUANTIZE or
+    DEQUANTIZE), by the Keras layer its output tensor belongs to."""
+    import keras
+
+    from keras_microtune.export import layer_errors
+    from keras_microtune.optimize import graph
+
+    owner = {}
+    if isinstance(model, keras.Model) and graph.is_graph_model(model):
+        owner = layer_errors.owners(model, concrete, info)
+    rows = []
+    for op, _, outs in info.op_sequence:
+        if op in ("QUANTIZE", "DEQUANTIZE"):
+            continue
+        if not any(info.tensors[t].dtype in ("float32", "float16") for t in outs):
+            continue
+        layer = next((owner[t].name for t in outs if t in owner), None)
+        if layer is None:
+            found = _layers_of_tensors(model, info, {op})
+            layer = found[0] if found else info.tensors[outs[0]].name
+        row = {"layer": layer, "op": op}
+        if row not in rows:
+            rows.append(row)
+    return rows
+
+
+def auto_precision(c):
+    """`precision="auto"`: raise the layers losing the most SQNR to int16 (or
+    float32) while the worst layer is below the goal (`precision.auto`)."""
+    if c.precision != "auto":
+        return None
+    from keras_microtune.export import layer_errors, precision
+
+    model, concrete = c.converted_model, c.concrete
+    x_eval = c.transform(c.val if c.val is not None else c.rep)
+    order = [ly.name for ly in model.layers]
+
+    def measure(tflite):
+        info = _tflite.parse(tflite)
+        return layer_errors.measure(model, concrete, tflite, info, x_eval)
+
+    start = auto_float_layers(model, c.report.get("float_layers") or [])
+    if start:  # Quantize those layers as float32 on purpose (whole layer).
+        c.tflite = c.mixed.build(start)
+        rows = measure(c.tflite)
+    else:
+        rows = c.report.get("layer_errors") or measure(c.tflite)
+    choice, tflite, rows, steps = precision.auto(
+        c.mixed, rows, measure, order, start=start
+    )
+    c.precision = choice
+    c.tflite = tflite
+    c.report["layer_errors"] = rows
+    if c.target.is_mcu:
+        c.report["float_layers"] = float_layers(model, concrete, c.info)
+    return {
+        "raised": choice,
+        "steps": steps,
+        "goal_sqnr_db": precision.AUTO_GOAL_DB,
+        "worst_sqnr_db": rows[0]["sqnr_db"] if rows else None,
+    }
 
 
 # TFLite Micro's int8 SOFTMAX needs input_scale * 2**26 > 1 (its fixed-point

@@ -2,7 +2,7 @@
 
 Each pass takes the `pipeline.Conversion` and returns what it did (None: not
 applicable). In order: `load`, `strip_pruning`, `merge_adapters`,
-`plan_preprocessing`,
+`plan_preprocessing`, `plan_precision`,
 `trace`, `detect_qat`, `data_to_arrays`; for the trainable target `load`,
 `plan_training`, `data_to_arrays`.
 """
@@ -95,6 +95,27 @@ def plan_preprocessing(c):
     if c.prep is None:
         return {"preprocessing": None}
     return {"preprocessing": list(c.prep.affine.layers), "folded": c.prep.folded}
+
+
+def plan_precision(c):
+    """`precision=...`: the layers to keep out of int8, checked against the
+    kernels TFLite Micro has, before converting (`precision.resolve`)."""
+    import keras
+
+    from keras_microtune.export import precision
+    from keras_microtune.optimize import graph
+
+    spec = c.options.get("precision")
+    if spec is None:
+        return None
+    model = c.converted_model
+    if not isinstance(model, keras.Model) or not graph.is_graph_model(model):
+        raise ValueError(
+            "`precision` needs a Keras 3 Sequential or Functional model (its "
+            f"layers are named in the choice). Received: {type(model).__name__}"
+        )
+    c.precision = "auto" if spec == "auto" else precision.resolve(model, spec)
+    return {"precision": c.precision}
 
 
 def trace(c):

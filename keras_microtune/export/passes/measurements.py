@@ -1,9 +1,11 @@
 """Measurement passes: run the converted model and assemble the report.
 
 Each pass takes the `pipeline.Conversion` and returns what it did (None: not
-applicable); none rewrites the flatbuffer. In order: `arena`, `vela`,
-`parity`, `budget` (also used by `kmt.inspect`), `describe`, `verify`;
-for the trainable target `training_parity`, `training_report`, `verify`.
+applicable); none rewrites the flatbuffer. In order: `layer_errors` (run
+right after conversion, while the tensors still carry their names),
+`arena`, `vela`, `parity`, `budget` (also used by `kmt.inspect`),
+`describe`, `verify`; for the trainable target `training_parity`,
+`training_report`, `verify`.
 """
 
 from __future__ import annotations
@@ -17,12 +19,39 @@ from keras_microtune.export import (
     preprocessing,
     runtimes,
 )
+from keras_microtune.export import layer_errors as layer_errors_lib
 from keras_microtune.export import memory_plan as memory_plan_lib
 from keras_microtune.export import parity as parity_lib
 from keras_microtune.export import report as report_lib
 from keras_microtune.export.passes import keras_level
 from keras_microtune.export.passes.flatbuffer import cannot_run
 from keras_microtune.export.result import DoesNotFitError, VerificationError
+
+
+def layer_errors(c):
+    """int8 targets: each Keras layer's converted output against the float
+    model's on validation data (else calibration data), worst first
+    (`layer_errors.measure`). Runs before `strip`, which drops the tensor
+    names that tie tensors to layers."""
+    import keras
+
+    from keras_microtune.optimize import graph
+
+    model = c.converted_model
+    x_eval = c.val if c.val is not None else c.rep
+    if c.target.quantization != "int8" or x_eval is None:
+        return None
+    if not isinstance(model, keras.Model) or not graph.is_graph_model(model):
+        return None  # tf_keras, subclassed models, SavedModels: no Keras 3 graph.
+    rows = layer_errors_lib.measure(
+        model, c.concrete, c.tflite, c.info, c.transform(x_eval)
+    )
+    c.report["layer_errors"] = rows
+    return {
+        "layers": len(rows),
+        "samples": min(len(x_eval[0]), layer_errors_lib.MAX_SAMPLES),
+        "worst": rows[0]["layer"] if rows else None,
+    }
 
 
 def arena(c):
@@ -37,6 +66,55 @@ def arena(c):
         c.arena = runtimes.measure_arena(c.tflite, lower, info=c.info)
     c.memory = {"offline_plan": memory_plan_lib.read(c.tflite) is not None}
     return {"arena_bytes": c.arena["arena_bytes"]}
+
+
+def precision_costs(c):
+    """`precision=...`: each layer's dtype, and the flash and arena the
+    choice costs against the same model in all-int8 (`report["precision"]`,
+    `report["precision_costs"]`)."""
+    if c.mixed is None:
+        return None
+    from keras_microtune.export import layer_errors, precision
+
+    model, choice = c.converted_model, c.precision or {}
+    names = [ly.name for ly in model.layers if type(ly).__name__ != "InputLayer"]
+    c.report["precision"] = {name: choice.get(name, "int8") for name in names}
+    baseline = c.mixed.baseline
+    base_info = _tflite.parse(baseline)
+    arena_int8 = (c.arena or {}).get("arena_bytes")
+    if c.target.is_mcu and choice:
+        stripped = _tflite.strip(baseline)
+        lower = _tflite.activation_lower_bound(base_info)
+        with cannot_run(base_info):
+            arena_int8 = runtimes.measure_arena(stripped, lower)["arena_bytes"]
+    size_int8 = len(_tflite.strip(baseline)) if c.target.is_mcu else len(baseline)
+    total = precision.costs(
+        len(c.tflite), size_int8, (c.arena or {}).get("arena_bytes"), arena_int8
+    )
+    # Per layer: weight and activation bytes of its ops, mixed vs all-int8
+    # (from the unstripped flatbuffers, whose tensor names give the layer).
+    mixed_info = _tflite.parse(c.mixed.build(choice)) if choice else base_info
+
+    def by_layer(info):
+        owner = {
+            t: ly.name for t, ly in layer_errors.owners(model, c.concrete, info).items()
+        }
+        return precision.layer_bytes(info, owner, lambda n: choice.get(n, "int8"))
+
+    mixed_rows, base_rows = by_layer(mixed_info), by_layer(base_info)
+    layers = {}
+    for name, dtype in choice.items():
+        now, before = mixed_rows.get(name), base_rows.get(name)
+        if now is None or before is None:
+            continue
+        layers[name] = {
+            "dtype": dtype,
+            "weight_bytes_added": now["weight_bytes"] - before["weight_bytes"],
+            "activation_bytes_added": now["activation_bytes"]
+            - before["activation_bytes"],
+        }
+    c.report["precision_costs"] = {**total, "layers": layers}
+    return {"layers": dict(choice), "size_added_bytes": total["size_added_bytes"]}
 
 
 def vela(c):
