@@ -38,6 +38,7 @@ def convert_to_tflite(c):
         c.qat,
         c.options["verbose"],
         c.options["input_type"],
+        constants=c.trace_constants,
     )
     return {
         "quantization": c.target.quantization,
@@ -50,6 +51,7 @@ PASSES = (
     keras_level.load,
     keras_level.strip_pruning,
     keras_level.merge_adapters,
+    keras_level.lower_recurrent,
     keras_level.plan_preprocessing,
     keras_level.trace,
     keras_level.detect_qat,
@@ -64,6 +66,7 @@ PASSES = (
     flatbuffer.input_metadata,
     # Measurements (passes/measurements.py): run it, assemble the report.
     measurements.arena,
+    measurements.recurrent_cost,
     measurements.vela,
     measurements.parity,
     measurements.budget,
@@ -149,11 +152,17 @@ def convert(
     return result
 
 
-def _tflite_convert(model, concrete, target, rep, qat, verbose, input_type=None):
+def _tflite_convert(
+    model, concrete, target, rep, qat, verbose, input_type=None, constants=False
+):
     import tensorflow as tf
 
-    conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
-    conv.experimental_lower_to_saved_model = False  # Freezes variables.
+    if constants:  # Weights already constants: the SavedModel path, which
+        # keeps the fused-LSTM interface functions (`recurrent`).
+        conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], tf.Module())
+    else:
+        conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
+        conv.experimental_lower_to_saved_model = False  # Freezes variables.
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if target.quantization == "int8":
         conv.optimizations = [tf.lite.Optimize.DEFAULT]

@@ -17,6 +17,7 @@ from keras_microtune.export import _tflite
 
 _WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_tflm_worker.py")
 _MAX_ARENA = 1 << 30
+_MAX_CRASH_RETRY_ARENA = 64 << 20  # A crash at every size up to here: give up.
 
 
 class RuntimeFailure(RuntimeError):
@@ -238,9 +239,10 @@ def measure_arena(tflite: bytes, lower_bound: int = 0, timeout=600, info=None) -
         high_ok = False  # whether `high` was seen to allocate
         for _attempt in range(64):
             proc = _worker(["arena", model_path, low, high, in_path], timeout)
-            result = None
+            result, probed = None, False
             for line in proc.stdout.splitlines():
                 parts = line.split()
+                probed = probed or parts[:1] == ["probe"]
                 if parts[:1] == ["probe"]:
                     size = int(parts[1])
                     if parts[2] == "ok":
@@ -254,6 +256,16 @@ def measure_arena(tflite: bytes, lower_bound: int = 0, timeout=600, info=None) -
                     raise RuntimeFailure(
                         "TFLite Micro cannot run this model: "
                         f"{_error_lines(proc.stderr + proc.stdout)}"
+                    )
+                low, high = high, min(high * 4, _MAX_ARENA)
+                continue
+            if result is None and not probed and not high_ok:
+                # It died on `high` itself: some kernels crash instead of
+                # failing when the arena is too small, so grow it as for "none".
+                if high >= _MAX_CRASH_RETRY_ARENA:
+                    raise RuntimeFailure(
+                        f"TFLite Micro crashed (exit code {proc.returncode}): "
+                        f"{_error_lines(proc.stderr)}"
                     )
                 low, high = high, min(high * 4, _MAX_ARENA)
                 continue

@@ -2,7 +2,7 @@
 
 Each pass takes the `pipeline.Conversion` and returns what it did (None: not
 applicable). In order: `load`, `strip_pruning`, `merge_adapters`,
-`plan_preprocessing`,
+`lower_recurrent`, `plan_preprocessing`,
 `trace`, `detect_qat`, `data_to_arrays`.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 
 from keras_microtune import data as kmt_data
-from keras_microtune.export import _model, preprocessing
+from keras_microtune.export import _model, preprocessing, recurrent
 
 MAX_CALIBRATION = 1000  # Calibration samples the TFLite converter sees, at most.
 _LOOP_OPS = {"While", "StatelessWhile"}
@@ -56,6 +56,27 @@ def merge_adapters(c):
     return {"adapters": rows}
 
 
+def lower_recurrent(c):
+    """int8 and TFLite Micro targets: Keras LSTM/GRU/SimpleRNN/Bidirectional
+    layers (a TensorFlow While loop) become what TFLite Micro runs: an LSTM
+    the fused int8 UNIDIRECTIONAL_SEQUENCE_LSTM, other layers an unrolled
+    graph (`recurrent.lower`). Float targets keep the loop."""
+    import keras
+
+    from keras_microtune.optimize import graph
+
+    if c.target.quantization != "int8" and not c.target.is_mcu:
+        return None
+    if not isinstance(c.source, keras.Model) or not graph.is_graph_model(c.source):
+        return None  # tf_keras, subclassed models: `check_loops` still applies.
+    c.source, rows = recurrent.lower(c.source)
+    if not rows:
+        return None
+    c.recurrent = rows
+    c.trace_constants = any(row["lowering"] == "fused" for row in rows)
+    return {"layers": rows}
+
+
 def plan_preprocessing(c):
     """Input specs, and how a leading Rescaling/Normalization is converted
     (`preprocessing.plan`: folded into the input quantization, or one op)."""
@@ -68,7 +89,7 @@ def plan_preprocessing(c):
 
 def trace(c):
     """Trace the model to convert at batch 1; refuse loops the target cannot run."""
-    c.concrete = _model.trace(c.converted_model, c.specs)
+    c.concrete = _model.trace(c.converted_model, c.specs, c.trace_constants)
     check_loops(c.converted_model, c.concrete, c.target)
     return {"inputs": [list(shape) for shape in c.shapes]}
 

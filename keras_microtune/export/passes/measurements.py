@@ -1,7 +1,7 @@
 """Measurement passes: run the converted model and assemble the report.
 
 Each pass takes the `pipeline.Conversion` and returns what it did (None: not
-applicable); none rewrites the flatbuffer. In order: `arena`, `vela`,
+applicable); none rewrites the flatbuffer. In order: `arena`, `recurrent_cost`, `vela`,
 `parity`, `budget` (also used by `kmt.inspect`), `describe`, `verify`.
 """
 
@@ -36,6 +36,27 @@ def arena(c):
         c.arena = runtimes.measure_arena(c.tflite, lower, info=c.info)
     c.memory = {"offline_plan": memory_plan_lib.read(c.tflite) is not None}
     return {"arena_bytes": c.arena["arena_bytes"]}
+
+
+def recurrent_cost(c):
+    """What the `lower_recurrent` choice costs: the flatbuffer bytes and the
+    TFLite Micro arena of the converted model, next to each layer's lowering
+    (also `report["recurrent"]`)."""
+    if not c.recurrent:
+        return None
+    c.report["recurrent"] = {
+        "layers": c.recurrent,
+        "size_bytes": len(c.tflite),
+        "arena_bytes": c.arena["arena_bytes"] if c.arena else None,
+        "fused_lstm_ops": [op for op, _, _ in c.info.op_sequence].count(
+            "UNIDIRECTIONAL_SEQUENCE_LSTM"
+        ),
+    }
+    return {
+        "lowering": {row["layer"]: row["lowering"] for row in c.recurrent},
+        "size_bytes": c.report["recurrent"]["size_bytes"],
+        "arena_bytes": c.report["recurrent"]["arena_bytes"],
+    }
 
 
 def vela(c):
