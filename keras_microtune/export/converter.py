@@ -13,7 +13,7 @@ import os
 import re
 
 from keras_microtune.export import compression as compression_lib
-from keras_microtune.export import pipeline, preprocessing
+from keras_microtune.export import pipeline, preprocessing, streaming
 from keras_microtune.export import targets as targets_lib
 from keras_microtune.export.passes import flatbuffer, keras_level, measurements
 from keras_microtune.export.result import (  # noqa: F401 - import paths kept
@@ -30,6 +30,21 @@ _check_mcu_ops = flatbuffer.check_ops  # Kept for callers of the old name.
 def convert_to_tflite(c):
     """The TFLite converter: the traced model -> a flatbuffer for the target."""
     rep = c.transform(c.rep)
+    if c.stream:
+        if c.target.quantization == "int8" and rep is None:
+            raise ValueError(
+                "streaming=True with an int8 target needs `representative_data` "
+                "(whole sequences); quantization-aware training alone is not "
+                "supported for streaming."
+            )
+        c.tflite = streaming.convert(c.stream, rep, c.target)
+        return {
+            "quantization": c.target.quantization,
+            "calibration_sequences": min(len(rep[0]), streaming.max_sequences(c.stream))
+            if rep is not None
+            else 0,
+            "resource_variables": c.stream.describe()["state_variables"],
+        }
     c.tflite = _tflite_convert(
         c.converted_model,
         c.concrete,
@@ -87,6 +102,7 @@ def convert(
     overwrite: bool = False,
     safe_mode: bool = True,
     verbose: int = 1,
+    streaming: bool = False,
 ) -> ConversionResult:
     """Convert a model for `target`, run it on the real runtimes, and measure it.
 
@@ -120,6 +136,14 @@ def convert(
         overwrite: bool. Allow replacing a non-empty `output_dir`.
         safe_mode: bool. Keras safe deserialization for model files.
         verbose: int. 1 shows a calibration progress bar; 0 is silent.
+        streaming: bool. Convert a recurrent model (LSTM/GRU/SimpleRNN) to
+            a one-step model: input one frame `(1, features)` per invoke,
+            each layer's state kept in TFLite resource variables
+            (VAR_HANDLE/READ_VARIABLE/ASSIGN_VARIABLE; zero again after
+            `MicroInterpreter::Reset()`). After frame `t` the output is the
+            full model's for frames `0..t`. Data are whole sequences, as for
+            the model; parity compares per frame (`report["parity"]`). See
+            `keras_microtune.export.streaming`. Defaults to `False`.
 
     Returns:
         A `ConversionResult`. `report["passes"]` lists the passes of
@@ -142,6 +166,7 @@ def convert(
         "strict": strict,
         "safe_mode": safe_mode,
         "verbose": verbose,
+        "streaming": _check_streaming(streaming),
     }
     c = pipeline.run(pipeline.Conversion(model, target, options), PASSES)
     c.report["passes"] = c.passes
@@ -150,6 +175,15 @@ def convert(
     if output_dir is not None:
         result.save(output_dir, overwrite=overwrite)
     return result
+
+
+def _check_streaming(streaming):
+    if not isinstance(streaming, bool):
+        raise TypeError(
+            "Received an invalid value for `streaming`, expected True or False. "
+            f"Received: streaming={streaming!r}"
+        )
+    return streaming
 
 
 def _tflite_convert(

@@ -105,3 +105,62 @@ def _against_float(tflite, info, expected, tflm_raw, ref_raw) -> dict:
             errors[0] <= errors[1] + TFLM_TOLERANCE_STEPS * step
         ),
     }
+
+
+MAX_STREAM_SAMPLES = 64  # Sequences streamed through LiteRT for float parity.
+
+
+def measure_stream(
+    step, tflite, target, sequences, y=None, arena_bytes=None, info=None
+):
+    """A streaming model (`streaming.StepModel` converted) fed frame by frame.
+
+    The Keras model runs each whole sequence; the float step model, LiteRT and
+    (int8) TFLite Micro run it one frame per invoke from a zero state. Their
+    outputs after each frame are compared with the Keras model's: every step
+    for a sequence output, else the output after the last frame. TFLite Micro
+    is verified against LiteRT's reference kernels per frame, as `measure`
+    does per sample.
+    """
+    sequences = np.asarray(sequences)[:MAX_STREAM_SAMPLES]
+    expected = _model.predict(step.model, [sequences])[0]
+
+    def comparable(per_step):  # (N, T, ...) -> what the Keras model outputs
+        return per_step if step.sequence_output else per_step[:, -1]
+
+    small = sequences[:MAX_TFLM_SAMPLES]
+    float_steps = comparable(step.run(small))
+    ins, outs = runtimes.io_details(tflite, info=info)
+    q = runtimes.quantize(sequences, ins[0])
+    got = comparable(runtimes.dequantize(runtimes.litert_stream(tflite, q), outs[0]))
+    out = {
+        "samples": len(sequences),
+        "frames_per_sample": int(sequences.shape[1]),
+        "step_float_max_abs_error": float(
+            np.abs(float_steps - expected[: len(small)]).max()
+        ),
+        **metrics(expected, got),
+    }
+    if y is not None and expected.ndim == 2 and expected.shape[1] > 1:
+        labels = np.asarray(y[: len(expected)]).reshape(-1)
+        if labels.shape[0] == expected.shape[0]:
+            out["float_accuracy"] = float(np.mean(expected.argmax(1) == labels))
+            out["tflite_accuracy"] = float(np.mean(got.argmax(1) == labels))
+    if target.quantization != "int8":
+        return out
+    info = info or _tflite.parse(tflite)
+    if arena_bytes is None:
+        arena_bytes = 4 * _tflite.activation_lower_bound(info) + (1 << 20)
+    ref_raw = runtimes.litert_stream(tflite, q[: len(small)], reference=True)
+    tflm_raw = runtimes.tflm_run(
+        tflite, [q[: len(small)]], int(arena_bytes) + 1024, info=info, frames=True
+    )[0]
+    diff = np.abs(tflm_raw.astype("float64") - ref_raw.astype("float64")).max()
+    out["tflm_samples"] = len(small)
+    out["tflm_max_abs_diff"] = float(diff)
+    out["tflm_matches_litert"] = bool(np.array_equal(tflm_raw, ref_raw))
+    out["tflm_tolerance_steps"] = TFLM_TOLERANCE_STEPS
+    out["tflm_within_tolerance"] = bool(diff <= TFLM_TOLERANCE_STEPS)
+    tflm = comparable(runtimes.dequantize(tflm_raw, outs[0]))
+    out["tflm_float_max_abs_error"] = float(np.abs(tflm - expected[: len(small)]).max())
+    return out

@@ -31,6 +31,7 @@ class Conversion:
         prep: the `preprocessing.Plan` (None: no leading preprocessing).
         recurrent: the `lower_recurrent` rows (None: no recurrent layer);
             `trace_constants`: trace with weights as constants (fused LSTM).
+        stream: the `streaming.StepModel` (`convert(streaming=True)`).
         rep, val, y_val: calibration inputs, validation inputs and labels as
             lists of arrays (None when not given).
         uncompressed: `(tflite, info)` before weight compression, which LiteRT
@@ -50,6 +51,7 @@ class Conversion:
     specs: list | None = None
     prep: object = None
     recurrent: list | None = None
+    stream: object = None
     trace_constants: bool = False
     concrete: object = None
     qat: bool = False

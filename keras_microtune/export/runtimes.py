@@ -116,6 +116,17 @@ def litert_run(tflite: bytes, inputs: list[np.ndarray], reference: bool = False)
     return [np.concatenate(r) for r in results]
 
 
+def litert_stream(tflite: bytes, sequences: np.ndarray, reference: bool = False):
+    """A streaming model in LiteRT: each sequence `(T, ...)` fed one frame per
+    invoke from a fresh interpreter (zero state); raw outputs `(N, T, ...)`
+    of the first output."""
+    out = []
+    for sequence in sequences:
+        # One "sample" per frame through one interpreter: the state carries.
+        out.append(litert_run(tflite, [sequence], reference)[0][None])
+    return np.concatenate(out)
+
+
 # Run the worker file by path without putting its folder on sys.path (where
 # `inspect.py` would shadow the standard library's `inspect`).
 _LAUNCH = (
@@ -153,11 +164,18 @@ def _zeros(info: _tflite.ModelInfo) -> dict:
 
 
 def tflm_run(
-    tflite: bytes, inputs: list[np.ndarray], arena_bytes: int, timeout=600, info=None
+    tflite: bytes,
+    inputs: list[np.ndarray],
+    arena_bytes: int,
+    timeout=600,
+    info=None,
+    frames: bool = False,
 ):
     """Run each sample in the TFLite Micro interpreter (in a child process).
 
     `info`: `tflite` parsed (`_tflite.parse`), when the caller has it.
+    `frames=True` (a streaming model): each sample `(T, ...)` is fed one frame
+    per invoke from a reset state; outputs are `(N, T, ...)`.
     """
     info = info or _tflite.parse(tflite)
     with tempfile.TemporaryDirectory(prefix="kmt_tflm_") as tmp:
@@ -166,8 +184,9 @@ def tflm_run(
         with open(model_path, "wb") as f:
             f.write(tflite)
         np.savez(in_path, **{f"in{i}": x for i, x in enumerate(inputs)})
+        command = "stream" if frames else "run"
         proc = _worker(
-            ["run", model_path, arena_bytes, len(info.outputs), in_path, out_path],
+            [command, model_path, arena_bytes, len(info.outputs), in_path, out_path],
             timeout,
         )
         if proc.returncode != 0:

@@ -63,11 +63,21 @@ def lower_recurrent(c):
     graph (`recurrent.lower`). Float targets keep the loop."""
     import keras
 
+    from keras_microtune.export import streaming
     from keras_microtune.optimize import graph
 
+    keras_graph = isinstance(c.source, keras.Model) and graph.is_graph_model(c.source)
+    if c.options.get("streaming"):
+        if not keras_graph:
+            raise ValueError(
+                "streaming=True needs a Keras 3 Functional or Sequential model. "
+                f"Received: {type(c.source).__name__}."
+            )
+        c.stream = streaming.StepModel(c.source)
+        return {"streaming": c.stream.describe()}
     if c.target.quantization != "int8" and not c.target.is_mcu:
         return None
-    if not isinstance(c.source, keras.Model) or not graph.is_graph_model(c.source):
+    if not keras_graph:
         return None  # tf_keras, subclassed models: `check_loops` still applies.
     c.source, rows = recurrent.lower(c.source)
     if not rows:
@@ -81,7 +91,8 @@ def plan_preprocessing(c):
     """Input specs, and how a leading Rescaling/Normalization is converted
     (`preprocessing.plan`: folded into the input quantization, or one op)."""
     c.specs = _model.input_specs(c.source)
-    c.prep = preprocessing.plan(c.source, c.target)
+    # A streaming model runs its preprocessing layers per frame, inside.
+    c.prep = None if c.stream else preprocessing.plan(c.source, c.target)
     if c.prep is None:
         return {"preprocessing": None}
     return {"preprocessing": list(c.prep.affine.layers), "folded": c.prep.folded}
@@ -89,6 +100,9 @@ def plan_preprocessing(c):
 
 def trace(c):
     """Trace the model to convert at batch 1; refuse loops the target cannot run."""
+    if c.stream:  # One frame per call; the state is in variables.
+        c.concrete = c.stream.function.get_concrete_function()
+        return {"inputs": [list(c.stream.frame_shape)], "per_invoke": "frame"}
     c.concrete = _model.trace(c.converted_model, c.specs, c.trace_constants)
     check_loops(c.converted_model, c.concrete, c.target)
     return {"inputs": [list(shape) for shape in c.shapes]}

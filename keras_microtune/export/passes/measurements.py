@@ -81,6 +81,13 @@ def parity(c):
         data = "random"
     tflite, info = c.litert_model
     arena_bytes = c.arena["arena_bytes"] if c.arena else None
+    if c.stream:
+        result = parity_lib.measure_stream(
+            c.stream, tflite, c.target, x_eval[0], c.y_val, arena_bytes, info=info
+        )
+        result["data"] = data
+        c.report["parity"] = result
+        return {"samples": result["samples"], "data": data, "per": "frame"}
     result = parity_lib.measure(
         c.float_model,
         tflite,
