@@ -116,7 +116,9 @@ def test_gru_stack_is_unrolled_into_tflite_micro_ops(converted):
     assert result.size_bytes > fused.size_bytes
 
 
-@pytest.mark.parametrize("return_sequences", [True, False])
+@pytest.mark.parametrize(
+    "return_sequences", [True, pytest.param(False, marks=pytest.mark.slow)]
+)
 def test_fused_lstm_equals_keras_in_float(return_sequences):
     inp = keras.Input((T, F))
     outputs = []
