@@ -475,3 +475,24 @@ def test_pickle_payload_is_real(tmp_path):
     marker = tmp_path / "marker"
     pickle.loads(pickle.dumps(_Payload(str(marker)))).close()
     assert marker.exists()
+
+
+def test_constant_logits_softmax_refused_before_tflite_micro_aborts(tmp_path):
+    # Zero kernel and bias: the logits are 0 for every input, their int8 scale
+    # is ~1e-8, and TFLite Micro's int8 SOFTMAX aborts the process in Prepare.
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(3, kernel_initializer="zeros", name="dead_head"),
+            keras.layers.Softmax(name="probs"),
+        ]
+    )
+    with pytest.raises(ValueError, match=r"int8 SOFTMAX aborts.*trained") as info:
+        kmt.convert(model, "mcu", representative_data=X, output_dir=tmp_path / "o")
+    assert "dead_head" in str(info.value) or "probs" in str(info.value)
+    assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+    # The same model with live logits converts and runs.
+    model.layers[0].set_weights(
+        [np.random.default_rng(0).normal(size=(6, 3)).astype("float32"), np.zeros(3)]
+    )
+    assert kmt.convert(model, "mcu", representative_data=X, verbose=0).arena_bytes

@@ -365,6 +365,16 @@ class _AlignedBuffer:
         return schema.BufferEnd(builder)
 
 
+def pack(model, size_hint: int = 0) -> bytes:
+    """Serialize a `ModelT` (flatbuffers object API), buffers 16-byte aligned."""
+    import flatbuffers
+
+    model.buffers = [_AlignedBuffer(b.data) for b in model.buffers]
+    builder = flatbuffers.Builder(size_hint + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
 def strip(data: bytes) -> bytes:
     """Remove tensor/subgraph names, signatures, description and metadata.
 

@@ -121,6 +121,14 @@ def plot_files(result, history=None, evaluations=None) -> dict[str, bytes]:
             result.arena_bytes,
         )
         draw("flash.png", plots.flash_breakdown, flash_rows(result.tflite, info))
+        patched = result.report.get("patch_inference") or {}
+        if patched.get("applied"):
+            draw(
+                "memory_patching.png",
+                plots.memory_before_after,
+                (patched["live_bytes_before"], patched["arena_bytes_before"]),
+                (_tflite.live_bytes_per_op(info), result.arena_bytes),
+            )
         if history:
             draw("training.png", plots.training_curves, history)
         matrices = {

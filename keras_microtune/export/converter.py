@@ -13,6 +13,7 @@ import os
 import re
 
 from keras_microtune.export import compression as compression_lib
+from keras_microtune.export import patch_inference as patch_lib
 from keras_microtune.export import pipeline, preprocessing, streaming
 from keras_microtune.export import targets as targets_lib
 from keras_microtune.export.passes import flatbuffer, keras_level, measurements
@@ -75,6 +76,8 @@ PASSES = (
     convert_to_tflite,
     # Flatbuffer passes (passes/flatbuffer.py): check and rewrite the .tflite.
     flatbuffer.check_mcu_ops,
+    flatbuffer.check_softmax_scale,
+    flatbuffer.patch_inference,
     flatbuffer.strip,
     flatbuffer.compress,
     flatbuffer.memory_plan,
@@ -102,6 +105,7 @@ def convert(
     overwrite: bool = False,
     safe_mode: bool = True,
     verbose: int = 1,
+    patch_inference: str | dict | None = None,
     streaming: bool = False,
 ) -> ConversionResult:
     """Convert a model for `target`, run it on the real runtimes, and measure it.
@@ -136,6 +140,10 @@ def convert(
         overwrite: bool. Allow replacing a non-empty `output_dir`.
         safe_mode: bool. Keras safe deserialization for model files.
         verbose: int. 1 shows a calibration progress bar; 0 is silent.
+        patch_inference: `"auto"`, `{"until": layer, "grid": (rows, cols)}` or
+            None. TFLite Micro targets: run the stage up to `until` patch by
+            patch to cut the arena (`report["patch_inference"]`; README
+            "Patch-based inference"). Defaults to `None`.
         streaming: bool. Convert a recurrent model (LSTM/GRU/SimpleRNN) to
             a one-step model: input one frame `(1, features)` per invoke,
             each layer's state kept in TFLite resource variables
@@ -166,6 +174,7 @@ def convert(
         "strict": strict,
         "safe_mode": safe_mode,
         "verbose": verbose,
+        "patch_inference": patch_lib.check_option(patch_inference, target),
         "streaming": _check_streaming(streaming),
     }
     c = pipeline.run(pipeline.Conversion(model, target, options), PASSES)

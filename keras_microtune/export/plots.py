@@ -120,6 +120,37 @@ def memory_over_ops(live_bytes, op_names, arena_bytes, path) -> str:
     return path
 
 
+def memory_before_after(before, after, path) -> str:
+    """Live activation bytes per op, unpatched above and patched below;
+    `before`/`after` are (live_bytes, arena_bytes) pairs."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 1, figsize=(8, 5.5), sharey=True)
+    for ax, (live, arena), title in zip(
+        axes, (before, after), ("without patches", "with patch-based inference")
+    ):
+        ax.bar(
+            np.arange(len(live)),
+            np.asarray(live) / 1024,
+            color="#4c72b0",
+            label="live activations",
+        )
+        if arena:
+            ax.axhline(
+                arena / 1024,
+                color="#c44e52",
+                ls="--",
+                label=f"tensor arena {arena / 1024:.1f} KiB",
+            )
+        ax.set_ylabel("KiB")
+        ax.set_title(f"Memory over the op sequence, {title}", fontsize=9)
+        ax.legend(fontsize=8)
+    axes[-1].set_xlabel("op index")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def flash_breakdown(rows, path) -> str:
     """Stacked bytes per layer: rows are (layer, {category: bytes})."""
     plt = _pyplot()

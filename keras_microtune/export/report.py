@@ -132,9 +132,10 @@ def rows(report: dict) -> list[tuple[str, str]]:
                 f"{v['inferences_per_second']:.1f} ({v['cycles']:,} cycles)",
             ),
         ]
-    from keras_microtune.export import compression
+    from keras_microtune.export import compression, patch_inference
 
     out += compression.rows(report)
+    out += patch_inference.rows(report)
     for key, value in (report["parity"] or {}).items():
         if isinstance(value, float):
             value = f"{value:.6g}"

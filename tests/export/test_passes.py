@@ -16,6 +16,7 @@ MCU_PASSES = [
     "data_to_arrays",
     "convert_to_tflite",
     "check_mcu_ops",
+    "check_softmax_scale",
     "strip",
     "memory_plan",
     "arena",
@@ -24,7 +25,7 @@ MCU_PASSES = [
     "describe",
     "verify",
 ]
-MCU_ONLY = {"check_mcu_ops", "strip", "memory_plan", "arena"}
+MCU_ONLY = {"check_mcu_ops", "check_softmax_scale", "strip", "memory_plan", "arena"}
 
 
 @pytest.fixture

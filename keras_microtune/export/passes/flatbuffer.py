@@ -3,18 +3,20 @@
 Each pass takes the `pipeline.Conversion` and returns what it did (None: not
 applicable). A pass that rewrites the model sets `c.tflite` (or calls
 `c.set_tflite(data, info)` when it already parsed the new bytes); the runner
-records `bytes_before` / `bytes_after`. In order: `check_mcu_ops`, `strip`,
-`compress`, `memory_plan`, `input_metadata`.
+records `bytes_before` / `bytes_after`. In order: `check_mcu_ops`,
+`check_softmax_scale`, `patch_inference`, `strip`, `compress`,
+`memory_plan`, `input_metadata`.
 """
 
 from __future__ import annotations
 
 import contextlib
 
-from keras_microtune.export import _tflite, preprocessing, runtimes
+from keras_microtune.export import _tflite, patching, preprocessing, runtimes
 from keras_microtune.export import compression as compression_lib
 from keras_microtune.export import input_metadata as input_metadata_lib
 from keras_microtune.export import memory_plan as memory_plan_lib
+from keras_microtune.export import patch_inference as patch_lib
 
 # Ops that must never reach a microcontroller model.
 MCU_FORBIDDEN = {
@@ -35,6 +37,69 @@ def check_mcu_ops(c):
     allowed = STATE_OPS if c.stream else set()
     check_ops(c.info, c.target, c.options["input_type"], c.converted_model, allowed)
     return {"ops_checked": len(c.info.ops)}
+
+
+# TFLite Micro's int8 SOFTMAX needs input_scale * 2**26 > 1 (its fixed-point
+# multiplier must exceed one); below that the interpreter aborts in Prepare.
+SOFTMAX_MIN_INPUT_SCALE = 2.0**-26
+
+
+def check_softmax_scale(c):
+    """TFLite Micro targets: refuse an int8 SOFTMAX whose input scale TFLite
+    Micro aborts on (inputs almost constant on the calibration data)."""
+    if not c.target.is_mcu or "SOFTMAX" not in c.info.ops:
+        return None
+    from ai_edge_litert.interpreter import Interpreter
+
+    details = {
+        d["index"]: d for d in Interpreter(model_content=c.tflite).get_tensor_details()
+    }
+    checked = 0
+    for op, ins, _ in c.info.op_sequence:
+        if op != "SOFTMAX" or details[ins[0]]["dtype"].__name__ != "int8":
+            continue
+        checked += 1
+        scale = float(details[ins[0]]["quantization"][0])
+        if scale * 2**26 <= 1:
+            layers = _layers_of_tensors(c.converted_model, c.info, {"SOFTMAX"})
+            layers = layers or [c.info.tensors[ins[0]].name]
+            raise ValueError(
+                f"The softmax input (layers {layers or 'unknown'}) has int8 scale "
+                f"{scale:.3g}: its values span almost nothing on the calibration "
+                f"data, and TFLite Micro's int8 SOFTMAX aborts below a scale of "
+                f"{SOFTMAX_MIN_INPUT_SCALE:.3g}. The logits are (nearly) constant: "
+                "check that the model is trained (a dead network outputs the same "
+                "logits for every input) and that representative_data looks like "
+                "the real inputs (same scaling). Or end the model with logits "
+                "(no softmax) and apply softmax on the device."
+            )
+    return {"softmax_ops": checked}
+
+
+def patch_inference(c):
+    """`patch_inference=...`: compute the first stage patch by patch
+    (`patch_inference.apply`; before `strip`, which drops the layer names it reads)."""
+    spec = c.options.get("patch_inference")
+    if spec is None:
+        return None
+    import keras
+
+    from keras_microtune.optimize import graph
+
+    model = c.converted_model
+    # Layer names, nested models' included (tf_keras and SavedModels: their own).
+    layers = graph.walk(model) if isinstance(model, keras.Model) else []
+    names = [layer.name for layer in layers or getattr(model, "layers", [])]
+    try:
+        with cannot_run(c.info):
+            tflite, report = patch_lib.apply(c.tflite, c.info, spec, names)
+    except patching.PatchError as e:
+        raise ValueError(f"patch_inference={spec}: {e}") from None
+    if tflite is not c.tflite:
+        c.tflite = tflite
+    c.report["patch_inference"] = report
+    keys = ("applied", "until", "grid", "arena_bytes_before", "arena_bytes_after")
+    return {k: report[k] for k in keys if k in report}
 
 
 def strip(c):

@@ -81,6 +81,10 @@ def parity(c):
         data = "random"
     tflite, info = c.litert_model
     arena_bytes = c.arena["arena_bytes"] if c.arena else None
+    if c.uncompressed is not None:
+        # The measured arena is the compressed model's, which may carry an
+        # offline plan the uncompressed one lacks: size this run generously.
+        arena_bytes = None
     if c.stream:
         result = parity_lib.measure_stream(
             c.stream, tflite, c.target, x_eval[0], c.y_val, arena_bytes, info=info
