@@ -199,9 +199,11 @@ def input_specs(model) -> list:
     return out
 
 
-def trace(model, specs):
+def trace(model, specs, constants: bool = False):
     """Trace the model at batch 1 with static shapes; return the concrete function.
 
+    `constants=True` reads every Keras variable as a constant (a graph without
+    variables, for TFLite's SavedModel conversion path; see `recurrent`).
     Raises a ValueError if a non-batch dimension is unknown (None), since TFLite
     Micro needs static shapes.
     """
@@ -216,9 +218,17 @@ def trace(model, specs):
             )
         tensor_specs.append(tf.TensorSpec((1, *shape), dtype, name=f"input_{i}"))
 
+    values = [(v, np.asarray(v)) for v in model.variables] if constants else None
+
     def call(*args):
-        out = model(list(args) if len(args) > 1 else args[0], training=False)
-        return out
+        inputs = list(args) if len(args) > 1 else args[0]
+        if not constants:
+            return model(inputs, training=False)
+        import keras
+
+        mapping = [(v, tf.constant(value)) for v, value in values]
+        with keras.StatelessScope(state_mapping=mapping):
+            return model(inputs, training=False)
 
     with scope_names(model):
         return tf.function(call).get_concrete_function(*tensor_specs)

@@ -14,7 +14,7 @@ import re
 
 from keras_microtune.export import compression as compression_lib
 from keras_microtune.export import patch_inference as patch_lib
-from keras_microtune.export import pipeline, preprocessing, trainable
+from keras_microtune.export import pipeline, preprocessing, streaming, trainable
 from keras_microtune.export import precision as precision_lib
 from keras_microtune.export import targets as targets_lib
 from keras_microtune.export.passes import flatbuffer, keras_level, measurements
@@ -37,6 +37,21 @@ def convert_to_tflite(c):
     rep = c.transform(c.rep)
     if c.precision is not None:
         return _convert_mixed(c, rep)
+    if c.stream:
+        if c.target.quantization == "int8" and rep is None:
+            raise ValueError(
+                "streaming=True with an int8 target needs `representative_data` "
+                "(whole sequences); quantization-aware training alone is not "
+                "supported for streaming."
+            )
+        c.tflite = streaming.convert(c.stream, rep, c.target)
+        return {
+            "quantization": c.target.quantization,
+            "calibration_sequences": min(len(rep[0]), streaming.max_sequences(c.stream))
+            if rep is not None
+            else 0,
+            "resource_variables": c.stream.describe()["state_variables"],
+        }
     c.tflite = _tflite_convert(
         c.converted_model,
         c.concrete,
@@ -45,6 +60,7 @@ def convert_to_tflite(c):
         c.qat,
         c.options["verbose"],
         c.options["input_type"],
+        constants=c.trace_constants,
     )
     return {
         "quantization": c.target.quantization,
@@ -94,6 +110,7 @@ PASSES = (
     keras_level.load,
     keras_level.strip_pruning,
     keras_level.merge_adapters,
+    keras_level.lower_recurrent,
     keras_level.plan_preprocessing,
     keras_level.plan_precision,
     keras_level.trace,
@@ -115,6 +132,7 @@ PASSES = (
     # Measurements (passes/measurements.py): run it, assemble the report.
     measurements.arena,
     measurements.precision_costs,
+    measurements.recurrent_cost,
     measurements.vela,
     measurements.parity,
     measurements.budget,
@@ -153,6 +171,7 @@ def convert(
     precision: dict | str | None = None,
     patch_inference: str | dict | None = None,
     train_batch_size: int | None = None,
+    streaming: bool = False,
 ) -> ConversionResult:
     """Convert a model for `target`, run it on the real runtimes, and measure it.
 
@@ -197,6 +216,14 @@ def convert(
             None. TFLite Micro targets: run the stage up to `until` patch by
             patch to cut the arena (`report["patch_inference"]`; README
             "Patch-based inference"). Defaults to `None`.
+        streaming: bool. Convert a recurrent model (LSTM/GRU/SimpleRNN) to
+            a one-step model: input one frame `(1, features)` per invoke,
+            each layer's state kept in TFLite resource variables
+            (VAR_HANDLE/READ_VARIABLE/ASSIGN_VARIABLE; zero again after
+            `MicroInterpreter::Reset()`). After frame `t` the output is the
+            full model's for frames `0..t`. Data are whole sequences, as for
+            the model; parity compares per frame (`report["parity"]`). See
+            `keras_microtune.export.streaming`. Defaults to `False`.
         train_batch_size: int or None. Target `"mobile-trainable"` only: the
             batch its `train` signature takes. Defaults to 16.
 
@@ -236,6 +263,7 @@ def convert(
         "verbose": verbose,
         "patch_inference": patch_lib.check_option(patch_inference, target),
         "train_batch_size": trainable.check_batch_size(train_batch_size),
+        "streaming": _check_streaming(streaming),
     }
     passes = TRAINABLE_PASSES if target.trainable else PASSES
     c = pipeline.run(pipeline.Conversion(model, target, options), passes)
@@ -247,11 +275,26 @@ def convert(
     return result
 
 
-def _tflite_convert(model, concrete, target, rep, qat, verbose, input_type=None):
+def _check_streaming(streaming):
+    if not isinstance(streaming, bool):
+        raise TypeError(
+            "Received an invalid value for `streaming`, expected True or False. "
+            f"Received: streaming={streaming!r}"
+        )
+    return streaming
+
+
+def _tflite_convert(
+    model, concrete, target, rep, qat, verbose, input_type=None, constants=False
+):
     import tensorflow as tf
 
-    conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
-    conv.experimental_lower_to_saved_model = False  # Freezes variables.
+    if constants:  # Weights already constants: the SavedModel path, which
+        # keeps the fused-LSTM interface functions (`recurrent`).
+        conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], tf.Module())
+    else:
+        conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
+        conv.experimental_lower_to_saved_model = False  # Freezes variables.
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if target.quantization == "int8":
         conv.optimizations = [tf.lite.Optimize.DEFAULT]

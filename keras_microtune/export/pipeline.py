@@ -29,6 +29,9 @@ class Conversion:
         target: the `Target`.
         options: `convert`'s keyword arguments, checked.
         prep: the `preprocessing.Plan` (None: no leading preprocessing).
+        recurrent: the `lower_recurrent` rows (None: no recurrent layer);
+            `trace_constants`: trace with weights as constants (fused LSTM).
+        stream: the `streaming.StepModel` (`convert(streaming=True)`).
         rep, val, y_val: calibration inputs, validation inputs and labels as
             lists of arrays (None when not given).
         uncompressed: `(tflite, info)` before weight compression, which LiteRT
@@ -52,6 +55,9 @@ class Conversion:
     pruning_stripped: bool = False
     specs: list | None = None
     prep: object = None
+    recurrent: list | None = None
+    stream: object = None
+    trace_constants: bool = False
     concrete: object = None
     qat: bool = False
     rep: list | None = None

@@ -27,13 +27,16 @@ MCU_FORBIDDEN = {
     "WHILE",
     "CALL_ONCE",
 }
+# What a streaming model (`convert(streaming=True)`) keeps its state with.
+STATE_OPS = {"VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE", "CALL_ONCE"}
 
 
 def check_mcu_ops(c):
     """TFLite Micro targets: builtin int8 ops and int8 (or `input_type`) I/O."""
     if not c.target.is_mcu:
         return None
-    check_ops(c.info, c.target, c.options["input_type"], c.converted_model)
+    allowed = STATE_OPS if c.stream else set()
+    check_ops(c.info, c.target, c.options["input_type"], c.converted_model, allowed)
     return {"ops_checked": len(c.info.ops)}
 
 
@@ -248,8 +251,8 @@ def compress(c):
 def memory_plan(c):
     """TFLite Micro targets without an NPU (Vela plans those): embed an offline
     memory plan when it lowers the measured arena (`memory_plan.apply`)."""
-    if not c.target.is_mcu or c.target.accelerator:
-        return None
+    if not c.target.is_mcu or c.target.accelerator or c.stream:
+        return None  # A streaming model's state subgraph is not planned here.
     lower = _tflite.activation_lower_bound(c.info)
     with cannot_run(c.info):
         tflite, info, c.arena, c.memory = memory_plan_lib.apply(c.tflite, c.info, lower)
@@ -292,10 +295,13 @@ def cannot_run(info):
         ) from None
 
 
-def check_ops(info, target, input_type=None, model=None):
-    """Raise when `info` holds ops or I/O dtypes TFLite Micro int8 cannot run."""
+def check_ops(info, target, input_type=None, model=None, allowed=frozenset()):
+    """Raise when `info` holds ops or I/O dtypes TFLite Micro int8 cannot run
+    (`allowed`: forbidden ops this model may hold, e.g. `STATE_OPS`)."""
     bad = sorted(
-        op for op in info.ops if op in MCU_FORBIDDEN or op.startswith("CUSTOM")
+        op
+        for op in info.ops
+        if (op in MCU_FORBIDDEN - set(allowed)) or op.startswith("CUSTOM")
     )
     float_io = [
         info.tensors[t].dtype

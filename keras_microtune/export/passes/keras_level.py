@@ -2,7 +2,7 @@
 
 Each pass takes the `pipeline.Conversion` and returns what it did (None: not
 applicable). In order: `load`, `strip_pruning`, `merge_adapters`,
-`plan_preprocessing`, `plan_precision`,
+`lower_recurrent`, `plan_preprocessing`, `plan_precision`,
 `trace`, `detect_qat`, `data_to_arrays`; for the trainable target `load`,
 `plan_training`, `data_to_arrays`.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 
 from keras_microtune import data as kmt_data
-from keras_microtune.export import _model, preprocessing
+from keras_microtune.export import _model, preprocessing, recurrent
 
 MAX_CALIBRATION = 1000  # Calibration samples the TFLite converter sees, at most.
 _LOOP_OPS = {"While", "StatelessWhile"}
@@ -87,11 +87,43 @@ def merge_adapters(c):
     return {"adapters": rows}
 
 
+def lower_recurrent(c):
+    """int8 and TFLite Micro targets: Keras LSTM/GRU/SimpleRNN/Bidirectional
+    layers (a TensorFlow While loop) become what TFLite Micro runs: an LSTM
+    the fused int8 UNIDIRECTIONAL_SEQUENCE_LSTM, other layers an unrolled
+    graph (`recurrent.lower`). Float targets keep the loop."""
+    import keras
+
+    from keras_microtune.export import streaming
+    from keras_microtune.optimize import graph
+
+    keras_graph = isinstance(c.source, keras.Model) and graph.is_graph_model(c.source)
+    if c.options.get("streaming"):
+        if not keras_graph:
+            raise ValueError(
+                "streaming=True needs a Keras 3 Functional or Sequential model. "
+                f"Received: {type(c.source).__name__}."
+            )
+        c.stream = streaming.StepModel(c.source)
+        return {"streaming": c.stream.describe()}
+    if c.target.quantization != "int8" and not c.target.is_mcu:
+        return None
+    if not keras_graph:
+        return None  # tf_keras, subclassed models: `check_loops` still applies.
+    c.source, rows = recurrent.lower(c.source)
+    if not rows:
+        return None
+    c.recurrent = rows
+    c.trace_constants = any(row["lowering"] == "fused" for row in rows)
+    return {"layers": rows}
+
+
 def plan_preprocessing(c):
     """Input specs, and how a leading Rescaling/Normalization is converted
     (`preprocessing.plan`: folded into the input quantization, or one op)."""
     c.specs = _model.input_specs(c.source)
-    c.prep = preprocessing.plan(c.source, c.target)
+    # A streaming model runs its preprocessing layers per frame, inside.
+    c.prep = None if c.stream else preprocessing.plan(c.source, c.target)
     if c.prep is None:
         return {"preprocessing": None}
     return {"preprocessing": list(c.prep.affine.layers), "folded": c.prep.folded}
@@ -120,7 +152,10 @@ def plan_precision(c):
 
 def trace(c):
     """Trace the model to convert at batch 1; refuse loops the target cannot run."""
-    c.concrete = _model.trace(c.converted_model, c.specs)
+    if c.stream:  # One frame per call; the state is in variables.
+        c.concrete = c.stream.function.get_concrete_function()
+        return {"inputs": [list(c.stream.frame_shape)], "per_invoke": "frame"}
+    c.concrete = _model.trace(c.converted_model, c.specs, c.trace_constants)
     check_loops(c.converted_model, c.concrete, c.target)
     return {"inputs": [list(shape) for shape in c.shapes]}
 

@@ -3,9 +3,9 @@
 Each pass takes the `pipeline.Conversion` and returns what it did (None: not
 applicable); none rewrites the flatbuffer. In order: `layer_errors` (run
 right after conversion, while the tensors still carry their names),
-`arena`, `vela`, `parity`, `budget` (also used by `kmt.inspect`),
-`describe`, `verify`; for the trainable target `training_parity`,
-`training_report`, `verify`.
+`arena`, `recurrent_cost`, `vela`, `parity`, `budget` (also used by
+`kmt.inspect`), `describe`, `verify`; for the trainable target
+`training_parity`, `training_report`, `verify`.
 """
 
 from __future__ import annotations
@@ -117,6 +117,27 @@ def precision_costs(c):
     return {"layers": dict(choice), "size_added_bytes": total["size_added_bytes"]}
 
 
+def recurrent_cost(c):
+    """What the `lower_recurrent` choice costs: the flatbuffer bytes and the
+    TFLite Micro arena of the converted model, next to each layer's lowering
+    (also `report["recurrent"]`)."""
+    if not c.recurrent:
+        return None
+    c.report["recurrent"] = {
+        "layers": c.recurrent,
+        "size_bytes": len(c.tflite),
+        "arena_bytes": c.arena["arena_bytes"] if c.arena else None,
+        "fused_lstm_ops": [op for op, _, _ in c.info.op_sequence].count(
+            "UNIDIRECTIONAL_SEQUENCE_LSTM"
+        ),
+    }
+    return {
+        "lowering": {row["layer"]: row["lowering"] for row in c.recurrent},
+        "size_bytes": c.report["recurrent"]["size_bytes"],
+        "arena_bytes": c.report["recurrent"]["arena_bytes"],
+    }
+
+
 def vela(c):
     """NPU targets: compile with Arm's Vela for SRAM, flash, op split, cycles."""
     if not c.target.accelerator:
@@ -143,6 +164,13 @@ def parity(c):
         # The measured arena is the compressed model's, which may carry an
         # offline plan the uncompressed one lacks: size this run generously.
         arena_bytes = None
+    if c.stream:
+        result = parity_lib.measure_stream(
+            c.stream, tflite, c.target, x_eval[0], c.y_val, arena_bytes, info=info
+        )
+        result["data"] = data
+        c.report["parity"] = result
+        return {"samples": result["samples"], "data": data, "per": "frame"}
     result = parity_lib.measure(
         c.float_model,
         tflite,
