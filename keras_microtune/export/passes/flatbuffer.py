@@ -40,18 +40,49 @@ def check_mcu_ops(c):
     return {"ops_checked": len(c.info.ops)}
 
 
+# Ops that only move values: left in float between DEQUANTIZE and QUANTIZE
+# (the quantizer does so for an unrolled GRU's gate SPLIT, depending on the
+# weights) they compute nothing in float; reported, not refused. So are the
+# resource-variable ops of a streaming model, whose state stays float32.
+DATA_MOVEMENT_OPS = {
+    "VAR_HANDLE",
+    "READ_VARIABLE",
+    "ASSIGN_VARIABLE",
+    "CALL_ONCE",
+    "SPLIT",
+    "SPLIT_V",
+    "RESHAPE",
+    "SQUEEZE",
+    "EXPAND_DIMS",
+    "CONCATENATION",
+    "STRIDED_SLICE",
+    "SLICE",
+    "GATHER",
+    "TRANSPOSE",
+    "PACK",
+    "UNPACK",
+}
+
+
 def check_full_int8(c):
     """TFLite Micro targets: name the layers still computed in float (ops
     between a DEQUANTIZE and a QUANTIZE) and refuse them unless
-    `precision` asked for float32 there."""
+    `precision` asked for float32 there (ops that only move values, e.g. a
+    SPLIT, are reported with `"data_movement": True` and not refused)."""
     if not c.target.is_mcu:
         return None
     rows = float_layers(c.converted_model, c.concrete, c.info)
+    for row in rows:
+        row["data_movement"] = row["op"] in DATA_MOVEMENT_OPS
     c.report["float_layers"] = rows
     asked = c.precision if isinstance(c.precision, dict) else {}
     if c.precision == "auto":  # "auto" takes float32 where TFLite Micro has it.
         asked = auto_float_layers(c.converted_model, rows)
-    bad = [r for r in rows if asked.get(r["layer"]) != "float32"]
+    bad = [
+        r
+        for r in rows
+        if asked.get(r["layer"]) != "float32" and not r["data_movement"]
+    ]
     if bad:
         named = ", ".join(f"{r['layer']!r} ({r['op']})" for r in bad)
         raise ValueError(
