@@ -29,6 +29,8 @@ class Conversion:
         target: the `Target`.
         options: `convert`'s keyword arguments, checked.
         prep: the `preprocessing.Plan` (None: no leading preprocessing).
+        lowerings: `lowering.Lowering`s swapped in while tracing (TFLite
+            Micro targets: ops it cannot run in int8, rewritten).
         rep, val, y_val: calibration inputs, validation inputs and labels as
             lists of arrays (None when not given).
         uncompressed: `(tflite, info)` before weight compression, which LiteRT
@@ -47,6 +49,7 @@ class Conversion:
     pruning_stripped: bool = False
     specs: list | None = None
     prep: object = None
+    lowerings: list = dataclasses.field(default_factory=list)
     concrete: object = None
     qat: bool = False
     rep: list | None = None

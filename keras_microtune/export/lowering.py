@@ -1,0 +1,341 @@
+"""Keras ops TFLite Micro cannot run in int8, rewritten with ops it can.
+
+For TFLite Micro targets, `plan(model)` finds the layers whose TFLite ops
+have no TFLite Micro int8 kernel and says how each is lowered:
+
+- activations (a layer's `activation`, `keras.layers.Activation`,
+  `keras.layers.ELU`): GELU (TFLite `GELU`, no TFLite Micro kernel) becomes
+  the tanh form written with a sigmoid; ELU, SELU and CELU (TFLite `ELU` runs
+  in float, `EXP` has no int8 kernel, `SELECT` none at all) use the exact
+  identity `exp(m) - 1 = tanh(m/2) / (1 - sigmoid(m))`; mish, soft-shrink
+  and sparse-plus are rewritten exactly;
+- `LayerNormalization`: Keras computes `x * inv - mean * inv`, whose `NEG`
+  TFLite keeps in float (a DEQUANTIZE/QUANTIZE pair in an int8 model);
+  `(x - mean) * rsqrt(var + eps) * gamma + beta` is the same in float and
+  every op of it has an int8 TFLite Micro kernel.
+
+Activations that cannot be lowered with these ops (softplus, exponential,
+log-sigmoid, sparsemax; squareplus, whose int8 form through RSQRT lost 4% of
+the output range) are refused before converting, naming the layer and
+a replacement. `applied(lowerings)` swaps the lowered functions in while the
+model is traced and restores the model afterwards: the model passed to
+`kmt.convert` is never changed, and parity is measured against it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+
+import numpy as np
+
+# GELU's tanh form, 0.5 x (1 + tanh(a (x + b x^3))), is x * sigmoid(2 a x (1 + b x^2)).
+_GELU_A2 = 2.0 * float(np.sqrt(2.0 / np.pi))
+_GELU_B = 0.044715
+# Beyond |x| = 4 the gate is within 2e-5 of 0 or 1; clipping there keeps the
+# int8 range of the cubic small (the gate stays exact to that bound).
+_GELU_CLIP = 4.0
+_SELU_ALPHA = 1.6732632423543772
+_SELU_SCALE = 1.0507009873554805
+
+# Each lowered form's float error against Keras' activation is measured
+# on this grid (and reported).
+_GRID = np.linspace(-8.0, 8.0, 4097, dtype="float32")
+
+# TensorFlow ops (in the traced graph) of activations that TFLite Micro cannot
+# run in int8, left in a layer the plan could not rewrite (a Lambda, a custom
+# layer): name -> (what it is, what to use instead).
+_GELU_ADVICE = (
+    "use Dense(..., activation='gelu') or keras.layers.Activation('gelu'), "
+    "which kmt.convert lowers to ops TFLite Micro runs in int8"
+)
+_UNLOWERED_TF_OPS = {
+    "Erf": ("GELU", _GELU_ADVICE),
+    "Erfc": ("GELU", _GELU_ADVICE),
+    "Softplus": ("softplus", "use activation='relu' or 'silu'"),
+    "Selu": ("SELU", "use keras.layers.Activation('selu')"),
+}
+
+
+def _ops():
+    from keras import ops
+
+    return ops
+
+
+def _expm1_nonpositive(x, scale=1.0):
+    """exp(min(scale * x, 0)) - 1, exactly, without EXP (no int8 TFLite Micro
+    kernel): tanh(m / 2) / (1 - sigmoid(m)) with m = min(scale * x, 0).
+
+    The MINIMUM acts on `k * x` (k != 1), not on `x`: TFLite's int8 quantizer
+    gives MINIMUM's input the scale of its output, which would clip `x` to
+    [min, 0] everywhere else it is used (and no MUL by 1 survives conversion).
+    """
+    ops = _ops()
+    k = 0.5 * scale if abs(0.5 * scale - 1.0) > 1e-6 else 0.25 * scale
+    h = ops.minimum(k * x, 0.0)  # m = (scale / k) * h
+    c = scale / k
+    return ops.tanh((0.5 * c) * h) / (1.0 - ops.sigmoid(c * h))
+
+
+def _clip(x, bound):
+    """clip(x, -bound, bound), as MINIMUM/MAXIMUM on `x / bound`.
+
+    TFLite's int8 quantizer gives MINIMUM/MAXIMUM's input the scale of their
+    output; clipping `x` itself would clip `x` everywhere else it is used.
+    """
+    return _ops().clip(x * (1.0 / bound), -1.0, 1.0)
+
+
+def gelu(x):
+    """GELU as `x * sigmoid(2a x (1 + b x^2))`, x clipped to [-4, 4] in the gate.
+
+    Ops: MUL, MINIMUM, MAXIMUM, ADD, LOGISTIC (int8 in TFLite Micro; the
+    converter folds the clip into a MUL's int8 range). Within 5e-4 of the
+    exact (erf) GELU on [-12, 12] and 2e-4 of its tanh approximation on
+    [-8, 8]; beyond |x| = 4 the gate's error is at most 1.7e-5, times |x|.
+    """
+    u = _clip(x, _GELU_CLIP)  # c / 4 with c = clip(x, -4, 4).
+    c = _GELU_CLIP
+    return x * _ops().sigmoid(u * (_GELU_A2 * c + (_GELU_A2 * _GELU_B * c**3) * u * u))
+
+
+def elu(x, alpha=1.0):
+    """ELU: relu(x) + alpha * (exp(min(x, 0)) - 1), exact."""
+    return _ops().relu(x) + alpha * _expm1_nonpositive(x)
+
+
+def selu(x):
+    """SELU: scale * elu(x, alpha) with Keras' constants, exact."""
+    return _SELU_SCALE * elu(x, _SELU_ALPHA)
+
+
+def celu(x, alpha=1.0):
+    """CELU: relu(x) + alpha * (exp(min(x, 0) / alpha) - 1), exact."""
+    return _ops().relu(x) + alpha * _expm1_nonpositive(x, 1.0 / alpha)
+
+
+def mish(x):
+    """mish: x * tanh(softplus(x)) = x * n / (2 - n), n = s (2 - s), s = sigmoid(x)."""
+    ops = _ops()
+    s = ops.sigmoid(x)
+    n = s * (2.0 - s)
+    return x * n / (2.0 - n)
+
+
+def soft_shrink(x, threshold=0.5):
+    """soft-shrink: x - clip(x, -threshold, threshold), exact."""
+    return x - threshold * _clip(x, threshold)
+
+
+def sparse_plus(x):
+    """sparse-plus: (clip(x, -1, 1) + 1)^2 / 4 + relu(x - 1), exact."""
+    c = _clip(x, 1.0) + 1.0
+    return 0.25 * c * c + _ops().relu(x - 1.0)
+
+
+LOWERED = {
+    "gelu": (
+        gelu,
+        "x * sigmoid(1.5958 * c * (1 + 0.044715 * c^2)), c = clip(x, -4, 4)",
+    ),
+    "elu": (elu, "relu(x) + tanh(m / 2) / (1 - sigmoid(m)), m = min(x, 0)"),
+    "selu": (selu, "1.0507 * elu(x, 1.6733), elu as for 'elu'"),
+    "celu": (celu, "relu(x) + tanh(m / 2) / (1 - sigmoid(m)), m = min(x, 0)"),
+    "mish": (mish, "x * n / (2 - n), n = s * (2 - s), s = sigmoid(x)"),
+    "soft_shrink": (soft_shrink, "x - clip(x, -0.5, 0.5)"),
+    "sparse_plus": (sparse_plus, "(clip(x, -1, 1) + 1)^2 / 4 + relu(x - 1)"),
+}
+
+REFUSED = {
+    "softplus": "activation='relu' (or 'silu', which TFLite Micro runs as "
+    "LOGISTIC and MUL)",
+    "exponential": "a bounded activation such as 'sigmoid', or exp applied "
+    "after the model on the device's CPU",
+    "log_sigmoid": "activation='sigmoid' (take the log after the model)",
+    "sparsemax": "activation='softmax'",
+    "squareplus": "activation='silu' or 'relu'",
+}
+_REFUSED_WHY = {
+    "softplus": "EXP and LOG",
+    "exponential": "EXP",
+    "log_sigmoid": "EXP and LOG",
+    "sparsemax": "TOPK_V2 and CUMSUM",
+    "squareplus": "SQRT",
+}
+
+
+@dataclasses.dataclass
+class Lowering:
+    """One layer attribute swapped while tracing.
+
+    Attributes:
+        layer: the layer object; `attr`: `"activation"` or `"call"`;
+        value: the lowered callable; `record`: the report entry (`layer`,
+            `op`, `as`: the form traced, `exact`: equal in real arithmetic,
+            and for activations `formula_max_abs_error`: float32 max error
+            against Keras' function on [-8, 8]).
+    """
+
+    layer: object
+    attr: str
+    value: object
+    record: dict
+
+
+def _activation_names(fn) -> list[str]:
+    """Keras (or tf_keras) activation names that `fn` is, if any."""
+    import keras
+
+    modules = [keras.activations]
+    if "tf_keras" in sys.modules:
+        modules.append(sys.modules["tf_keras"].activations)
+    name = getattr(fn, "__name__", None)
+    found = []
+    for module in modules:
+        try:
+            if name and module.get(name) is fn:
+                found.append(name)
+        except (ValueError, TypeError):
+            continue
+    return found
+
+
+def formula_error(name: str, **kwargs) -> float:
+    """Max |lowered - Keras| of activation `name` on [-8, 8], in float32."""
+    import keras
+
+    ops = _ops()
+    exact = keras.activations.get(name)
+    lowered, _ = LOWERED[name]
+    diff = ops.abs(lowered(_GRID, **kwargs) - exact(_GRID, **kwargs))
+    return float(ops.convert_to_numpy(ops.max(diff)))
+
+
+def _layer_norm_call(layer):
+    """`LayerNormalization.call` as (x - mean) * rsqrt(var + eps) * gamma + beta."""
+    ops = _ops()
+
+    def call(inputs):
+        x = ops.cast(inputs, "float32")
+        ndims = len(x.shape)
+        axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
+        axes = sorted(a % ndims for a in axes)
+        shape = [x.shape[a] if a in axes else 1 for a in range(ndims)]
+        d = x - ops.mean(x, axis=axes, keepdims=True)
+        inv = ops.rsqrt(ops.mean(d * d, axis=axes, keepdims=True) + layer.epsilon)
+        y = (x if layer.rms_scaling else d) * inv
+        if layer.gamma is not None:
+            y = y * ops.reshape(ops.cast(layer.gamma, "float32"), shape)
+        if layer.beta is not None and not layer.rms_scaling:
+            y = y + ops.reshape(ops.cast(layer.beta, "float32"), shape)
+        return ops.cast(y, layer.compute_dtype)
+
+    return call
+
+
+def _activation_lowering(layer, fn, kwargs=None):
+    """A `Lowering` for `layer`'s activation `fn`, None when it needs none.
+
+    Raises:
+        ValueError: the activation has no int8 TFLite Micro form.
+    """
+    names = _activation_names(fn)
+    if not names:
+        return None
+    name = names[0]
+    if name in REFUSED:
+        raise ValueError(
+            f"Layer {layer.name!r} uses activation {name!r}, which TFLite Micro "
+            f"cannot run in int8 (its TFLite ops {_REFUSED_WHY[name]} have no "
+            "int8 TFLite Micro kernel) and which has no exact form in ops it "
+            f"has. Replace it with {REFUSED[name]}, or convert for a mobile "
+            "target (e.g. 'mobile-int8')."
+        )
+    if name not in LOWERED:
+        return None
+    kwargs = kwargs or {}
+    lowered = LOWERED[name][0]
+    record = {
+        "layer": layer.name,
+        "op": name,
+        "as": LOWERED[name][1],
+        "exact": name != "gelu",
+        "formula_max_abs_error": formula_error(name, **kwargs),
+    }
+    return Lowering(layer, "activation", lambda x: lowered(x, **kwargs), record)
+
+
+def _lowering_of(layer):
+    import keras
+
+    if isinstance(layer, keras.layers.LayerNormalization):
+        record = {
+            "layer": layer.name,
+            "op": "layer_normalization",
+            "as": "(x - mean) * rsqrt(var + eps) * gamma + beta (no NEG)",
+            "exact": True,
+        }
+        return Lowering(layer, "call", _layer_norm_call(layer), record)
+    if isinstance(layer, keras.layers.ELU):
+        low = _activation_lowering(layer, keras.activations.elu, {"alpha": layer.alpha})
+        if low is not None:
+            low.attr = "call"
+        return low
+    fn = getattr(layer, "activation", None)
+    if callable(fn):
+        return _activation_lowering(layer, fn)
+    return None
+
+
+def plan(model) -> list[Lowering]:
+    """The lowerings `model` needs to run in int8 in TFLite Micro.
+
+    Args:
+        model: a Keras (or tf_keras) model; nested layers are searched.
+
+    Returns:
+        list of `Lowering`, one per layer to rewrite (empty: nothing to do).
+
+    Raises:
+        ValueError: a layer uses an activation TFLite Micro cannot run in int8
+            and that has no form in ops it has (the message names the layer
+            and a replacement).
+    """
+    flatten = getattr(model, "_flatten_layers", None)
+    if flatten is None:  # A SavedModel signature: nothing to rewrite.
+        return []
+    lowerings = []
+    for layer in flatten(include_self=False, recursive=True):
+        low = _lowering_of(layer)
+        if low is not None:
+            lowerings.append(low)
+    return lowerings
+
+
+@contextlib.contextmanager
+def applied(lowerings):
+    """Swap each lowering into its layer for the duration; always restore."""
+    saved = []
+    try:
+        for low in lowerings:
+            had = low.attr in vars(low.layer)
+            saved.append((low, had, vars(low.layer).get(low.attr)))
+            setattr(low.layer, low.attr, low.value)
+        yield
+    finally:
+        for low, had, value in reversed(saved):
+            if had:
+                setattr(low.layer, low.attr, value)
+            else:
+                delattr(low.layer, low.attr)
+
+
+def unlowered(graph_ops: set) -> dict:
+    """TensorFlow ops in `graph_ops` of activations TFLite Micro cannot run in
+    int8, with what they are and the advice: op -> (what, advice)."""
+    found = {op: _UNLOWERED_TF_OPS[op] for op in graph_ops if op in _UNLOWERED_TF_OPS}
+    if "Pow" in graph_ops and "Tanh" in graph_ops:  # GELU's tanh form, hand-written.
+        found["Pow"] = ("GELU (tanh form)", _GELU_ADVICE)
+    return found
