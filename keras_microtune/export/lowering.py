@@ -171,7 +171,8 @@ class Lowering:
     """One layer attribute swapped while tracing.
 
     Attributes:
-        layer: the layer object; `attr`: `"activation"` or `"call"`;
+        layer: the layer object; `attr`: `"activation"`, `"call"`, or
+            `"_act_fn"` (a QAT `QuantizeConv`);
         value: the lowered callable; `record`: the report entry (`layer`,
             `op`, `as`: the form traced, `exact`: equal in real arithmetic,
             and for activations `formula_max_abs_error`: float32 max error
@@ -283,6 +284,13 @@ def _lowering_of(layer):
         if low is not None:
             low.attr = "call"
         return low
+    from keras_microtune.optimize.quantize_conv import QuantizeConv
+
+    if isinstance(layer, QuantizeConv):  # QAT applies the activation itself.
+        low = _activation_lowering(layer, layer._act_fn)
+        if low is not None:
+            low.attr = "_act_fn"
+        return low
     fn = getattr(layer, "activation", None)
     if callable(fn):
         return _activation_lowering(layer, fn)
@@ -306,8 +314,14 @@ def plan(model) -> list[Lowering]:
     flatten = getattr(model, "_flatten_layers", None)
     if flatten is None:  # A SavedModel signature: nothing to rewrite.
         return []
+    from keras_microtune.optimize.quantize_conv import QuantizeConv
+
+    layers = list(flatten(include_self=False, recursive=True))
+    wrapped = {id(x.layer) for x in layers if isinstance(x, QuantizeConv)}
     lowerings = []
-    for layer in flatten(include_self=False, recursive=True):
+    for layer in layers:
+        if id(layer) in wrapped:  # Its QuantizeConv applies the activation.
+            continue
         low = _lowering_of(layer)
         if low is not None:
             lowerings.append(low)

@@ -235,3 +235,23 @@ def test_trained_transformer_keeps_its_accuracy_in_tflite_micro(data):
     tflm = kmt.evaluate(result.tflite, x_test, y_test, runtime="tflm")
     assert float_accuracy > (0.75 if data == "digits" else 0.9)
     assert tflm["accuracy"] >= float_accuracy - 0.02
+
+
+def test_quantization_aware_gelu_is_lowered_and_needs_calibration():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((16,)),
+            keras.layers.Dense(16, activation="gelu", name="hidden"),
+            keras.layers.Dense(4),
+        ]
+    )
+    qat = kmt.optimize.quantize_model(model)
+    x = _x(64, 16, 1.0)
+    with pytest.raises(ValueError, match=r"'quant_hidden'.*representative_data"):
+        kmt.convert(qat, "mcu", verbose=0)
+    result = kmt.convert(qat, "mcu", representative_data=x, verbose=0)
+    assert not FLOAT_OR_MISSING & set(result.ops), result.ops
+    (row,) = result.report["lowering"]["layers"]
+    assert (row["layer"], row["op"]) == ("quant_hidden", "gelu")
+    assert result.parity["tflm_within_tolerance"]

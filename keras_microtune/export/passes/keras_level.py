@@ -126,15 +126,22 @@ def lowering_error(c):
     inputs; `report["lowering"]` gets the figures."""
     if not c.lowerings:
         return None
+    if c.rep is None:  # Only quantization-aware models get this far without.
+        layers = [low.record["layer"] for low in c.lowerings]
+        raise ValueError(
+            f"Layers {layers} are lowered to ops TFLite Micro runs in int8, and "
+            "the tensors between those ops have no quantization-aware ranges: "
+            "without `representative_data` they would stay float (DEQUANTIZE/"
+            "QUANTIZE around them). Pass `representative_data` (a few hundred "
+            "typical inputs) to calibrate them."
+        )
     data = c.val if c.val is not None else c.rep
-    did = {"samples": 0, "outputs_max_abs_error": None}
-    if data is not None:
-        xs = c.transform([x[:LOWERING_SAMPLES] for x in data])
-        reference = _model.predict(c.converted_model, xs)
-        with lowering.applied(c.lowerings):
-            lowered = _model.predict(c.converted_model, xs)
-        error = max(float(np.max(np.abs(a - b))) for a, b in zip(reference, lowered))
-        did = {"samples": len(xs[0]), "outputs_max_abs_error": error}
+    xs = c.transform([x[:LOWERING_SAMPLES] for x in data])
+    reference = _model.predict(c.converted_model, xs)
+    with lowering.applied(c.lowerings):
+        lowered = _model.predict(c.converted_model, xs)
+    error = max(float(np.max(np.abs(a - b))) for a, b in zip(reference, lowered))
+    did = {"samples": len(xs[0]), "outputs_max_abs_error": error}
     c.report["lowering"] = {"layers": [low.record for low in c.lowerings], **did}
     return did
 
