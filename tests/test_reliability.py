@@ -166,8 +166,8 @@ def test_forbidden_mcu_ops_name_their_layers():
 
 
 def test_layer_normalization_runs_in_tflite_micro():
-    # Not an error: it lowers to MEAN/SQUARED_DIFFERENCE/RSQRT, which TFLite
-    # Micro runs; verified against LiteRT like any other model.
+    # Not an error: lowered to MEAN/SUB/MUL/RSQRT (tests/export/test_lowering.py),
+    # which TFLite Micro runs in int8; verified against LiteRT like any other model.
     model = keras.Sequential(
         [
             keras.Input((8, 4)),
