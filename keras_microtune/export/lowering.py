@@ -9,10 +9,12 @@ have no TFLite Micro int8 kernel and says how each is lowered:
   in float, `EXP` has no int8 kernel, `SELECT` none at all) use the exact
   identity `exp(m) - 1 = tanh(m/2) / (1 - sigmoid(m))`; mish, soft-shrink
   and sparse-plus are rewritten exactly;
-- `LayerNormalization`: Keras computes `x * inv - mean * inv`, whose `NEG`
-  TFLite keeps in float (a DEQUANTIZE/QUANTIZE pair in an int8 model);
-  `(x - mean) * rsqrt(var + eps) * gamma + beta` is the same in float and
-  every op of it has an int8 TFLite Micro kernel.
+- `LayerNormalization` (and `GroupNormalization`): Keras computes
+  `x * inv - mean * inv`, whose `NEG` TFLite keeps in float (a
+  DEQUANTIZE/QUANTIZE pair in an int8 model); `(x - mean) * rsqrt(var + eps)
+  * gamma + beta` is the same in float and every op of it has an int8
+  TFLite Micro kernel. `RMSNormalization` and `UnitNormalization` square
+  with `x * x` (TFLite keeps Keras' SQUARE in float).
 
 Activations that cannot be lowered with these ops (softplus, exponential,
 log-sigmoid, sparsemax; squareplus, whose int8 form through RSQRT lost 4% of
@@ -236,6 +238,90 @@ def _layer_norm_call(layer):
     return call
 
 
+def _rms_norm_call(layer):
+    """`RMSNormalization.call` with x * x for Keras' SQUARE (float in TFLite)."""
+    ops = _ops()
+
+    def call(inputs):
+        x = ops.cast(inputs, "float32")
+        mean_square = ops.mean(x * x, axis=layer.axis, keepdims=True)
+        y = x * ops.rsqrt(mean_square + layer.epsilon)
+        return ops.cast(y * ops.cast(layer.scale, "float32"), layer.compute_dtype)
+
+    return call
+
+
+def _unit_norm_call(layer):
+    """`UnitNormalization.call` without SQUARE (float in TFLite) and SUM (its
+    int8 TFLite Micro kernel was seen 39 steps off LiteRT's):
+    x * min(rsqrt(sum x^2), 1 / eps) = x * rsqrt(max(mean x^2, eps^2 / n)) / sqrt(n).
+    """
+    ops = _ops()
+
+    def call(inputs):
+        x = ops.cast(inputs, "float32")
+        axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
+        n = int(np.prod([x.shape[a] for a in axes]))
+        mean_square = ops.mean(x * x, axis=axes, keepdims=True)
+        inv = ops.rsqrt(ops.maximum(mean_square, 1e-24 / n))  # Keras' eps: 1e-12.
+        return ops.cast(x * inv * float(1.0 / np.sqrt(n)), layer.compute_dtype)
+
+    return call
+
+
+def _group_norm_call(layer):
+    """`GroupNormalization.call` as LayerNormalization's form, per group."""
+    ops = _ops()
+
+    def call(inputs):
+        x = ops.cast(inputs, "float32")
+        ndims = len(x.shape)
+        a = layer.axis % ndims
+        channels = x.shape[a]
+        grouped = [-1, *x.shape[1:]]
+        grouped[a] = channels // layer.groups
+        grouped.insert(a, layer.groups)
+        g = ops.reshape(x, grouped)
+        axes = [i for i in range(1, len(grouped)) if i != a]
+        d = g - ops.mean(g, axis=axes, keepdims=True)
+        y = d * ops.rsqrt(ops.mean(d * d, axis=axes, keepdims=True) + layer.epsilon)
+        shape = [1] * ndims
+        shape[a] = channels // layer.groups
+        shape.insert(a, layer.groups)
+        if layer.scale:
+            y = y * ops.reshape(ops.cast(layer.gamma, "float32"), shape)
+        if layer.center:
+            y = y + ops.reshape(ops.cast(layer.beta, "float32"), shape)
+        return ops.cast(ops.reshape(y, [-1, *x.shape[1:]]), layer.compute_dtype)
+
+    return call
+
+
+# Normalization layers: Keras class name -> (op name, call factory, form).
+_NORMALIZATIONS = {
+    "LayerNormalization": (
+        "layer_normalization",
+        _layer_norm_call,
+        "(x - mean) * rsqrt(var + eps) * gamma + beta (no NEG)",
+    ),
+    "RMSNormalization": (
+        "rms_normalization",
+        _rms_norm_call,
+        "x * rsqrt(mean(x * x) + eps) * scale (no SQUARE)",
+    ),
+    "UnitNormalization": (
+        "unit_normalization",
+        _unit_norm_call,
+        "x * rsqrt(max(mean(x * x), eps^2 / n)) / sqrt(n) (no SQUARE, SUM)",
+    ),
+    "GroupNormalization": (
+        "group_normalization",
+        _group_norm_call,
+        "per group (x - mean) * rsqrt(var + eps) * gamma + beta (no NEG)",
+    ),
+}
+
+
 def _activation_lowering(layer, fn, kwargs=None):
     """A `Lowering` for `layer`'s activation `fn`, None when it needs none.
 
@@ -271,14 +357,11 @@ def _activation_lowering(layer, fn, kwargs=None):
 def _lowering_of(layer):
     import keras
 
-    if isinstance(layer, keras.layers.LayerNormalization):
-        record = {
-            "layer": layer.name,
-            "op": "layer_normalization",
-            "as": "(x - mean) * rsqrt(var + eps) * gamma + beta (no NEG)",
-            "exact": True,
-        }
-        return Lowering(layer, "call", _layer_norm_call(layer), record)
+    for name, (op, factory, form) in _NORMALIZATIONS.items():
+        cls = getattr(keras.layers, name, None)
+        if cls is not None and type(layer) is cls:  # Subclasses keep their call.
+            record = {"layer": layer.name, "op": op, "as": form, "exact": True}
+            return Lowering(layer, "call", factory(layer), record)
     if isinstance(layer, keras.layers.ELU):
         low = _activation_lowering(layer, keras.activations.elu, {"alpha": layer.alpha})
         if low is not None:

@@ -168,6 +168,33 @@ def test_mobile_targets_keep_gelu():
     assert "GELU" in result.parity["tflm_error"]  # Cross-check skipped, said why.
 
 
+def test_rms_group_and_unit_normalization_run_int8_in_tflite_micro():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 16)),
+            keras.layers.Dense(16),
+            keras.layers.RMSNormalization(name="rms"),
+            keras.layers.GroupNormalization(4, name="group"),
+            keras.layers.UnitNormalization(name="unit"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
+    x = np.random.default_rng(0).normal(0, 1, (32, 8, 16)).astype("float32")
+    result = kmt.convert(model, "mcu", representative_data=x, verbose=0)
+    assert not FLOAT_OR_MISSING & set(result.ops) and "SQUARE" not in result.ops
+    assert {"RSQRT", "MEAN"} <= set(result.ops) and "SUM" not in result.ops
+    assert result.parity["tflm_within_tolerance"]
+    assert result.parity["cosine"] > 0.99
+    lowered = {row["layer"]: row["op"] for row in result.report["lowering"]["layers"]}
+    assert lowered == {
+        "rms": "rms_normalization",
+        "group": "group_normalization",
+        "unit": "unit_normalization",
+    }
+
+
 def test_untrained_transformer_converts_full_int8_for_tflite_micro():
     keras.utils.set_random_seed(0)
     model = tiny_transformer((16, 6), 4)
@@ -187,18 +214,30 @@ def test_untrained_transformer_converts_full_int8_for_tflite_micro():
 
 
 @pytest.mark.filterwarnings("ignore:You passed `rms_scaling=True`")
-def test_lowered_layer_normalization_equals_keras():
+@pytest.mark.parametrize(
+    "make",
+    [
+        keras.layers.LayerNormalization,
+        lambda: keras.layers.LayerNormalization(axis=(1, 2)),
+        lambda: keras.layers.LayerNormalization(rms_scaling=True),
+        lambda: keras.layers.LayerNormalization(center=False),
+        keras.layers.RMSNormalization,
+        keras.layers.UnitNormalization,
+        lambda: keras.layers.GroupNormalization(3),
+        lambda: keras.layers.GroupNormalization(2, axis=1),
+    ],
+)
+def test_lowered_normalizations_equal_keras(make):
     keras.utils.set_random_seed(0)
-    x = np.random.default_rng(0).normal(2, 3, (4, 5, 6)).astype("float32")
-    for kwargs in ({}, {"axis": (1, 2)}, {"rms_scaling": True}, {"center": False}):
-        layer = keras.layers.LayerNormalization(**kwargs)
-        layer.build(x.shape)
-        layer.set_weights([w + 0.3 for w in layer.get_weights()])
-        expected = ops.convert_to_numpy(layer(x))
-        (low,) = lowering.plan(keras.Sequential([keras.Input(x.shape[1:]), layer]))
-        with lowering.applied([low]):
-            got = ops.convert_to_numpy(layer(x))
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    x = np.random.default_rng(0).normal(2, 3, (4, 4, 6)).astype("float32")
+    layer = make()
+    layer.build(x.shape)
+    layer.set_weights([w + 0.3 for w in layer.get_weights()])
+    expected = ops.convert_to_numpy(layer(x))
+    (low,) = lowering.plan(keras.Sequential([keras.Input(x.shape[1:]), layer]))
+    with lowering.applied([low]):
+        got = ops.convert_to_numpy(layer(x))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def _digit_rows():
