@@ -32,14 +32,7 @@ import sys
 
 import numpy as np
 
-# GELU's tanh form, 0.5 x (1 + tanh(a (x + b x^3))), is x * sigmoid(2 a x (1 + b x^2)).
-_GELU_A2 = 2.0 * float(np.sqrt(2.0 / np.pi))
-_GELU_B = 0.044715
-# Beyond |x| = 4 the gate is within 2e-5 of 0 or 1; clipping there keeps the
-# int8 range of the cubic small (the gate stays exact to that bound).
-_GELU_CLIP = 4.0
-_SELU_ALPHA = 1.6732632423543772
-_SELU_SCALE = 1.0507009873554805
+from keras_microtune.export import lowered_forms as forms
 
 # Each lowered form's float error against Keras' activation is measured
 # on this grid (and reported).
@@ -60,94 +53,17 @@ _UNLOWERED_TF_OPS = {
 }
 
 
-def _ops():
-    from keras import ops
-
-    return ops
-
-
-def _expm1_nonpositive(x, scale=1.0):
-    """exp(min(scale * x, 0)) - 1, exactly, without EXP (no int8 TFLite Micro
-    kernel): tanh(m / 2) / (1 - sigmoid(m)) with m = min(scale * x, 0).
-
-    The MINIMUM acts on `k * x` (k != 1), not on `x`: TFLite's int8 quantizer
-    gives MINIMUM's input the scale of its output, which would clip `x` to
-    [min, 0] everywhere else it is used (and no MUL by 1 survives conversion).
-    """
-    ops = _ops()
-    k = 0.5 * scale if abs(0.5 * scale - 1.0) > 1e-6 else 0.25 * scale
-    h = ops.minimum(k * x, 0.0)  # m = (scale / k) * h
-    c = scale / k
-    return ops.tanh((0.5 * c) * h) / (1.0 - ops.sigmoid(c * h))
-
-
-def _clip(x, bound):
-    """clip(x, -bound, bound), as MINIMUM/MAXIMUM on `x / bound`.
-
-    TFLite's int8 quantizer gives MINIMUM/MAXIMUM's input the scale of their
-    output; clipping `x` itself would clip `x` everywhere else it is used.
-    """
-    return _ops().clip(x * (1.0 / bound), -1.0, 1.0)
-
-
-def gelu(x):
-    """GELU as `x * sigmoid(2a x (1 + b x^2))`, x clipped to [-4, 4] in the gate.
-
-    Ops: MUL, MINIMUM, MAXIMUM, ADD, LOGISTIC (int8 in TFLite Micro; the
-    converter folds the clip into a MUL's int8 range). Within 5e-4 of the
-    exact (erf) GELU on [-12, 12] and 2e-4 of its tanh approximation on
-    [-8, 8]; beyond |x| = 4 the gate's error is at most 1.7e-5, times |x|.
-    """
-    u = _clip(x, _GELU_CLIP)  # c / 4 with c = clip(x, -4, 4).
-    c = _GELU_CLIP
-    return x * _ops().sigmoid(u * (_GELU_A2 * c + (_GELU_A2 * _GELU_B * c**3) * u * u))
-
-
-def elu(x, alpha=1.0):
-    """ELU: relu(x) + alpha * (exp(min(x, 0)) - 1), exact."""
-    return _ops().relu(x) + alpha * _expm1_nonpositive(x)
-
-
-def selu(x):
-    """SELU: scale * elu(x, alpha) with Keras' constants, exact."""
-    return _SELU_SCALE * elu(x, _SELU_ALPHA)
-
-
-def celu(x, alpha=1.0):
-    """CELU: relu(x) + alpha * (exp(min(x, 0) / alpha) - 1), exact."""
-    return _ops().relu(x) + alpha * _expm1_nonpositive(x, 1.0 / alpha)
-
-
-def mish(x):
-    """mish: x * tanh(softplus(x)) = x * n / (2 - n), n = s (2 - s), s = sigmoid(x)."""
-    ops = _ops()
-    s = ops.sigmoid(x)
-    n = s * (2.0 - s)
-    return x * n / (2.0 - n)
-
-
-def soft_shrink(x, threshold=0.5):
-    """soft-shrink: x - clip(x, -threshold, threshold), exact."""
-    return x - threshold * _clip(x, threshold)
-
-
-def sparse_plus(x):
-    """sparse-plus: (clip(x, -1, 1) + 1)^2 / 4 + relu(x - 1), exact."""
-    c = _clip(x, 1.0) + 1.0
-    return 0.25 * c * c + _ops().relu(x - 1.0)
-
-
 LOWERED = {
     "gelu": (
-        gelu,
+        forms.gelu,
         "x * sigmoid(1.5958 * c * (1 + 0.044715 * c^2)), c = clip(x, -4, 4)",
     ),
-    "elu": (elu, "relu(x) + tanh(m / 2) / (1 - sigmoid(m)), m = min(x, 0)"),
-    "selu": (selu, "1.0507 * elu(x, 1.6733), elu as for 'elu'"),
-    "celu": (celu, "relu(x) + tanh(m / 2) / (1 - sigmoid(m)), m = min(x, 0)"),
-    "mish": (mish, "x * n / (2 - n), n = s * (2 - s), s = sigmoid(x)"),
-    "soft_shrink": (soft_shrink, "x - clip(x, -0.5, 0.5)"),
-    "sparse_plus": (sparse_plus, "(clip(x, -1, 1) + 1)^2 / 4 + relu(x - 1)"),
+    "elu": (forms.elu, "relu(x) + tanh(m / 2) / (1 - sigmoid(m)), m = min(x, 0)"),
+    "selu": (forms.selu, "1.0507 * elu(x, 1.6733), elu as for 'elu'"),
+    "celu": (forms.celu, "relu(x) + tanh(m / 2) / (1 - sigmoid(m)), m = min(x, 0)"),
+    "mish": (forms.mish, "x * n / (2 - n), n = s * (2 - s), s = sigmoid(x)"),
+    "soft_shrink": (forms.soft_shrink, "x - clip(x, -0.5, 0.5)"),
+    "sparse_plus": (forms.sparse_plus, "(clip(x, -1, 1) + 1)^2 / 4 + relu(x - 1)"),
 }
 
 REFUSED = {
@@ -208,115 +124,33 @@ def _activation_names(fn) -> list[str]:
 def formula_error(name: str, **kwargs) -> float:
     """Max |lowered - Keras| of activation `name` on [-8, 8], in float32."""
     import keras
+    from keras import ops
 
-    ops = _ops()
     exact = keras.activations.get(name)
     lowered, _ = LOWERED[name]
     diff = ops.abs(lowered(_GRID, **kwargs) - exact(_GRID, **kwargs))
     return float(ops.convert_to_numpy(ops.max(diff)))
 
 
-def _layer_norm_call(layer):
-    """`LayerNormalization.call` as (x - mean) * rsqrt(var + eps) * gamma + beta."""
-    ops = _ops()
-
-    def call(inputs):
-        x = ops.cast(inputs, "float32")
-        ndims = len(x.shape)
-        axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
-        axes = sorted(a % ndims for a in axes)
-        shape = [x.shape[a] if a in axes else 1 for a in range(ndims)]
-        d = x - ops.mean(x, axis=axes, keepdims=True)
-        inv = ops.rsqrt(ops.mean(d * d, axis=axes, keepdims=True) + layer.epsilon)
-        y = (x if layer.rms_scaling else d) * inv
-        if layer.gamma is not None:
-            y = y * ops.reshape(ops.cast(layer.gamma, "float32"), shape)
-        if layer.beta is not None and not layer.rms_scaling:
-            y = y + ops.reshape(ops.cast(layer.beta, "float32"), shape)
-        return ops.cast(y, layer.compute_dtype)
-
-    return call
-
-
-def _rms_norm_call(layer):
-    """`RMSNormalization.call` with x * x for Keras' SQUARE (float in TFLite)."""
-    ops = _ops()
-
-    def call(inputs):
-        x = ops.cast(inputs, "float32")
-        mean_square = ops.mean(x * x, axis=layer.axis, keepdims=True)
-        y = x * ops.rsqrt(mean_square + layer.epsilon)
-        return ops.cast(y * ops.cast(layer.scale, "float32"), layer.compute_dtype)
-
-    return call
-
-
-def _unit_norm_call(layer):
-    """`UnitNormalization.call` without SQUARE (float in TFLite) and SUM (its
-    int8 TFLite Micro kernel was seen 39 steps off LiteRT's):
-    x * min(rsqrt(sum x^2), 1 / eps) = x * rsqrt(max(mean x^2, eps^2 / n)) / sqrt(n).
-    """
-    ops = _ops()
-
-    def call(inputs):
-        x = ops.cast(inputs, "float32")
-        axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
-        n = int(np.prod([x.shape[a] for a in axes]))
-        mean_square = ops.mean(x * x, axis=axes, keepdims=True)
-        inv = ops.rsqrt(ops.maximum(mean_square, 1e-24 / n))  # Keras' eps: 1e-12.
-        return ops.cast(x * inv * float(1.0 / np.sqrt(n)), layer.compute_dtype)
-
-    return call
-
-
-def _group_norm_call(layer):
-    """`GroupNormalization.call` as LayerNormalization's form, per group."""
-    ops = _ops()
-
-    def call(inputs):
-        x = ops.cast(inputs, "float32")
-        ndims = len(x.shape)
-        a = layer.axis % ndims
-        channels = x.shape[a]
-        grouped = [-1, *x.shape[1:]]
-        grouped[a] = channels // layer.groups
-        grouped.insert(a, layer.groups)
-        g = ops.reshape(x, grouped)
-        axes = [i for i in range(1, len(grouped)) if i != a]
-        d = g - ops.mean(g, axis=axes, keepdims=True)
-        y = d * ops.rsqrt(ops.mean(d * d, axis=axes, keepdims=True) + layer.epsilon)
-        shape = [1] * ndims
-        shape[a] = channels // layer.groups
-        shape.insert(a, layer.groups)
-        if layer.scale:
-            y = y * ops.reshape(ops.cast(layer.gamma, "float32"), shape)
-        if layer.center:
-            y = y + ops.reshape(ops.cast(layer.beta, "float32"), shape)
-        return ops.cast(ops.reshape(y, [-1, *x.shape[1:]]), layer.compute_dtype)
-
-    return call
-
-
-# Normalization layers: Keras class name -> (op name, call factory, form).
 _NORMALIZATIONS = {
     "LayerNormalization": (
         "layer_normalization",
-        _layer_norm_call,
+        forms.layer_norm_call,
         "(x - mean) * rsqrt(var + eps) * gamma + beta (no NEG)",
     ),
     "RMSNormalization": (
         "rms_normalization",
-        _rms_norm_call,
+        forms.rms_norm_call,
         "x * rsqrt(mean(x * x) + eps) * scale (no SQUARE)",
     ),
     "UnitNormalization": (
         "unit_normalization",
-        _unit_norm_call,
+        forms.unit_norm_call,
         "x * rsqrt(max(mean(x * x), eps^2 / n)) / sqrt(n) (no SQUARE, SUM)",
     ),
     "GroupNormalization": (
         "group_normalization",
-        _group_norm_call,
+        forms.group_norm_call,
         "per group (x - mean) * rsqrt(var + eps) * gamma + beta (no NEG)",
     ),
 }
