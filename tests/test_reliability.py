@@ -166,7 +166,7 @@ def test_forbidden_mcu_ops_name_their_layers():
 
 
 def test_layer_normalization_runs_in_tflite_micro():
-    # Not an error: lowered to MEAN/SUB/MUL/RSQRT (tests/export/test_lowering.py),
+    # Not an error: lowered to MEAN/SUB/L2_NORMALIZATION (test_lowering.py),
     # which TFLite Micro runs in int8; verified against LiteRT like any other model.
     model = keras.Sequential(
         [
@@ -178,7 +178,7 @@ def test_layer_normalization_runs_in_tflite_micro():
     )
     x = np.random.default_rng(0).normal(size=(16, 8, 4)).astype("float32")
     result = kmt.convert(model, "mcu", representative_data=x, verbose=0)
-    assert "RSQRT" in result.ops and result.report["verified"]
+    assert "L2_NORMALIZATION" in result.ops and result.report["verified"]
 
 
 # --- convert(): output locations ---------------------------------------------

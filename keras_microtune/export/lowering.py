@@ -11,10 +11,12 @@ have no TFLite Micro int8 kernel and says how each is lowered:
   and sparse-plus are rewritten exactly;
 - `LayerNormalization` (and `GroupNormalization`): Keras computes
   `x * inv - mean * inv`, whose `NEG` TFLite keeps in float (a
-  DEQUANTIZE/QUANTIZE pair in an int8 model); `(x - mean) * rsqrt(var + eps)
-  * gamma + beta` is the same in float and every op of it has an int8
-  TFLite Micro kernel. `RMSNormalization` and `UnitNormalization` square
-  with `x * x` (TFLite keeps Keras' SQUARE in float).
+  DEQUANTIZE/QUANTIZE pair in an int8 model); over the last axis the
+  lowered form is L2_NORMALIZATION of `[x - mean, sqrt(n eps)]` (no int8
+  variance), elsewhere `(x - mean) * rsqrt(var + eps) * gamma + beta`: the
+  same in float, and every op has an int8 TFLite Micro kernel.
+  `RMSNormalization` and `UnitNormalization` square with `x * x` (TFLite
+  keeps Keras' SQUARE in float).
 
 Activations that cannot be lowered with these ops (softplus, exponential,
 log-sigmoid, sparsemax; squareplus, whose int8 form through RSQRT lost 4% of
@@ -136,7 +138,8 @@ _NORMALIZATIONS = {
     "LayerNormalization": (
         "layer_normalization",
         forms.layer_norm_call,
-        "(x - mean) * rsqrt(var + eps) * gamma + beta (no NEG)",
+        "sqrt(n) * l2_normalize([d, sqrt(n eps)])[:n] * gamma + beta, "
+        "d = x - mean (last axis; else d * rsqrt(var + eps) ...), no NEG",
     ),
     "RMSNormalization": (
         "rms_normalization",

@@ -200,7 +200,9 @@ def test_untrained_transformer_converts_full_int8_for_tflite_micro():
     model = tiny_transformer((16, 6), 4)
     x = np.random.default_rng(0).normal(0, 1, (64, 16, 6)).astype("float32")
     result = kmt.convert(model, "mcu", representative_data=x, verbose=0)
-    assert {"BATCH_MATMUL", "SOFTMAX", "RSQRT", "LOGISTIC"} <= set(result.ops)
+    assert {"BATCH_MATMUL", "SOFTMAX", "L2_NORMALIZATION", "LOGISTIC"} <= set(
+        result.ops
+    )
     assert not FLOAT_OR_MISSING & set(result.ops) and "NEG" not in result.ops
     assert result.parity["tflm_within_tolerance"]
     assert result.parity["cosine"] > 0.999
