@@ -2,8 +2,8 @@
 
 Each pass takes the `pipeline.Conversion` and returns what it did (None: not
 applicable). In order: `load`, `strip_pruning`, `merge_adapters`,
-`plan_preprocessing`, `lower_for_micro`,
-`trace`, `detect_qat`, `data_to_arrays`, `lowering_error`.
+`plan_preprocessing`,
+`trace`, `detect_qat`, `data_to_arrays`.
 """
 
 from __future__ import annotations
