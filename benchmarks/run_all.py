@@ -65,6 +65,25 @@ TABLES = (
         "points. Decoded weights live in the arena, so compression trades RAM "
         "for flash.",
     ),
+    (
+        "7",
+        "Patch-based inference: TFLite Micro arena of the zoo, plain and patched",
+        "patching",
+        "Goal: MobileNetV2(0.35) 96x96 arena at most 0.5x the plain path's "
+        "with at most +20% MACs, and no zoo model above the plain path. The "
+        "arena is TFLite Micro's activation head plus its tail (per-channel "
+        "quantization data, op and tensor structs); patching lowers the head "
+        "and copies each patched op's part of the tail.",
+    ),
+    (
+        "8",
+        "Sequence models on BasicMotions: LSTM, GRU, streaming vs Conv1D",
+        "sequence",
+        "Target: int8 TFLite Micro accuracy within 1 point of float for each "
+        "model (40 test sequences: one sequence is 2.5 points). The fused LSTM "
+        "costs about what the Conv1D does; the unrolled GRU pays one graph step "
+        "per time step in flash and arena.",
+    ),
 )
 _NOISE = (
     "fully_quantize:",

@@ -107,9 +107,10 @@ def resolve_placement(
     Args:
         model: keras.Model. The (copied) backbone.
         body: list of str. Names of the top-level layers placement may use.
-        lora: None, "auto", a name, a list of names or a dict {name: rank}.
-            "auto": every LoRA-capable kernel in the last two layers before
-            the head that have one. Defaults to `None`.
+        lora: None, "all", "auto", a name, a list of names or a dict
+            {name: rank}. "all": every LoRA-capable kernel before the head;
+            "auto": those in the last two layers before the head that have
+            one. Defaults to `None`.
         lora_rank: int. Rank for names given without one. Defaults to `4`.
         train_bias: bool, a name or a list of names. Defaults to `False`.
         train_norm: bool, a name or a list of names. Defaults to `False`.
@@ -119,13 +120,13 @@ def resolve_placement(
         of leaf names).
     """
     lora_rank = _rank(lora_rank)
-    if lora == "auto":
+    if lora in ("all", "auto"):
         capable = [
             name
             for name in body
             if any(_is_lora_capable(x) for _, x in _leaves(model.get_layer(name)))
         ]
-        lora = capable[-AUTO_LORA_LAYERS:]
+        lora = capable if lora == "all" else capable[-AUTO_LORA_LAYERS:]
     if isinstance(lora, dict):
         ranks = {_names("lora", k, body)[0]: _rank(v, "lora") for k, v in lora.items()}
     else:

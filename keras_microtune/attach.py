@@ -36,6 +36,9 @@ AUTO_ADAPTERS = 2
 AUTO_MAX_WIDTH = 256
 AUTO_FALLBACK_RANK = 8
 DEFAULT_GROUPS = 4
+# The default placement: LoRA of this rank on every kernel, every bias trains.
+DEFAULT_LORA_RANK = 2
+NAMED_LORA_RANK = 4
 
 
 def _check_model(model):
@@ -148,7 +151,7 @@ def attach(
     freeze=True,
     head=None,
     lora=None,
-    lora_rank=4,
+    lora_rank=None,
     train_bias=False,
     train_norm=False,
     budget=None,
@@ -164,13 +167,17 @@ def attach(
     trained.
 
     Default placement (`adapters="default"` and none of `groups`, `rank`,
-    `lora`, `train_bias`, `train_norm`, `budget` given, `freeze=True`): a Keras LoRA
-    update of rank `lora_rank` on every Dense/Conv kernel of the last two
-    layers before the head that have one (`lora="auto"`), every bias and
-    BatchNorm/LayerNorm affine parameter of the backbone
-    (`train_bias=True, train_norm=True`), and the head. It is what did best
-    across the transfer suite (`benchmarks/transfer.py`); LoRA merges into
-    the kernels at export, so the deployed model is the backbone's size.
+    `lora`, `train_bias`, `train_norm`, `budget` given, `freeze=True`): a Keras
+    LoRA update of rank `lora_rank` (2 unless given) on every Dense/Conv
+    kernel of the backbone (`lora="all"`), every bias (Dense/Conv biases and
+    BatchNorm/LayerNorm offsets, `train_bias=True`), and the head: a thin
+    update spread over all layers, which did best across the transfer suite
+    (`benchmarks/transfer.py`, BENCHMARKS.md table 2): concentrating the same
+    parameters in the last layers lost 5-20 points on the cross-domain tasks,
+    where the early layers must adapt. LoRA merges into the kernels at export,
+    so the deployed model is the backbone's size. Because the first layer
+    trains, `fit` has no frozen prefix to cache; place adapters late (e.g.
+    `lora=["block3"], train_norm=["block3"]`) for the cached, faster form.
     A backbone without such kernels (e.g. a nested backbone model) gets
     `adapters="auto"` instead. With `budget` and `data`, a contribution
     analysis on the data chooses instead (see `budget`).
@@ -212,10 +219,11 @@ def attach(
             deployed). A stage name means all its kernels (FeatureStage:
             the stem and 1x1 convolutions; depthwise ones have no LoRA),
             `"stage/sublayer"` one of them (e.g. `"block3/block0_pw"`).
-            `"auto"`: the last two layers before the head that have such
-            kernels. Defaults to `None`.
-        lora_rank: int. Rank for `lora` names given without one. Defaults
-            to `4`.
+            `"all"`: every layer with such kernels; `"auto"`: the last two
+            layers before the head that have them. Defaults to `None`.
+        lora_rank: int or None. Rank for `lora` names given without one,
+            and for the default placement. None: 2 in the default
+            placement, 4 otherwise. Defaults to `None`.
         train_bias: bool, a name or a list of names. Train the biases of
             these layers (True: every backbone layer): Dense/Conv biases and
             BatchNorm/LayerNorm offsets (`beta`, the bias BatchNorm folds
@@ -342,14 +350,11 @@ def attach(
         for x in base.layers
         if x not in old_head and not isinstance(x, keras.layers.InputLayer)
     ]
+    if lora_rank is None:
+        lora_rank = DEFAULT_LORA_RANK if default_placement else NAMED_LORA_RANK
     if default_placement:
         placement = resolve_placement(
-            base,
-            body_names,
-            lora="auto",
-            lora_rank=lora_rank,
-            train_bias=True,
-            train_norm=True,
+            base, body_names, lora="all", lora_rank=lora_rank, train_bias=True
         )
         if not placement["lora"]:  # e.g. a nested backbone model
             adapters, placement = "auto", {"lora": {}, "bias": [], "norm": []}

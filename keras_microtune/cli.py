@@ -42,6 +42,7 @@ def cmd_convert(args) -> int:
         validation_data=args.validation,
         safe_mode=not args.unsafe_deserialization,
         verbose=0 if args.json else 1,
+        train_batch_size=args.train_batch_size,
     )
     if args.output:
         real = result.save(args.output, overwrite=args.overwrite, project=args.project)
@@ -140,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--unsafe-deserialization",
         action="store_true",
         help="allow Lambda layers (runs code from the model file)",
+    )
+    p.add_argument(
+        "--train-batch-size",
+        type=int,
+        default=None,
+        help="--target mobile-trainable: the train signature's batch (default 16)",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_convert)

@@ -118,6 +118,18 @@ def test_callbacks_overhead_table():
 
 
 @pytest.mark.slow
+def test_sequence_table():
+    out = _run("benchmarks.sequence", "--tiny")
+    for name in ("lstm |", "lstm streaming", "gru", "conv1d"):
+        (row,) = _table_rows(out, name)
+        assert row.count("|") == 9, row
+    (lstm,) = _table_rows(out, "lstm |")
+    assert "| fused |" in lstm
+    (gru,) = _table_rows(out, "gru")
+    assert "| unrolled |" in gru
+
+
+@pytest.mark.slow
 def test_run_all_tiny_runs_every_table(tmp_path):
     path = tmp_path / "BENCHMARKS.md"
     _run("benchmarks.run_all", "--tiny", "--output", path, timeout=1200)

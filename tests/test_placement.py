@@ -151,5 +151,5 @@ def test_report_reads_the_default_placement_from_the_model(cnn):
     assert report["trainable_params"] == total
     assert sum(c["params"] for c in report["chosen"]) == total
     lora = {c["layer"]: c["rank"] for c in report["chosen"] if c["kind"] == "lora"}
-    assert lora == {"block1/stem_conv": 4, "block1/block0_pw": 4, "block2/block0_pw": 4}
+    assert lora == {"block1/stem_conv": 2, "block1/block0_pw": 2, "block2/block0_pw": 2}
     assert {"bias", "norm", "kernel"} <= {c["kind"] for c in report["chosen"]}

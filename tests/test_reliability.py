@@ -85,6 +85,7 @@ def _lstm(unroll=False):
     return keras.Sequential(
         [
             keras.Input((8, 4)),
+            keras.layers.Masking(name="pad_mask"),
             keras.layers.LSTM(4, unroll=unroll, name="my_lstm"),
             keras.layers.Dense(2, name="head"),
         ]
@@ -132,12 +133,29 @@ def test_bad_calibration_data_fails_before_any_file(tiny, tmp_path, data, error,
 
 
 @pytest.mark.parametrize("target", ["mcu", "mobile-int8"])
-def test_loop_layers_named_before_conversion(target, tmp_path):
-    # TFLite's int8 converter segfaults on a Keras 3 LSTM's while loop: the
-    # check must refuse it before converting, naming the layer and op.
+def test_masked_recurrent_layer_refused_before_conversion(target, tmp_path):
+    # LSTMs convert (fused or unrolled), but TFLite Micro has no masked
+    # recurrent kernel: refuse before converting, naming both layers.
     x = np.zeros((4, 8, 4), "float32")
-    with pytest.raises(ValueError, match=r"\['my_lstm'\].*While.*unroll=True"):
+    match = r"\['pad_mask'\] produce a mask.*\['my_lstm'\].*pad every sequence"
+    with pytest.raises(ValueError, match=match):
         kmt.convert(_lstm(), target, representative_data=x, output_dir=tmp_path / "o")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("target", ["mcu", "mobile-int8"])
+def test_loop_layers_named_before_conversion(target, tmp_path):
+    # TFLite's int8 converter segfaults on a TensorFlow while loop (here a
+    # custom layer's; recurrent layers are lowered first): the check must
+    # refuse it before converting, naming the layer and op.
+    class Loop(keras.layers.Layer):
+        def call(self, x):
+            return keras.ops.fori_loop(0, 3, lambda i, v: v * 0.5 + x, x)
+
+    model = keras.Sequential([keras.Input((4,)), Loop(name="my_loop")])
+    x = np.zeros((4, 4), "float32")
+    with pytest.raises(ValueError, match=r"\['my_loop'\].*While"):
+        kmt.convert(model, target, representative_data=x, output_dir=tmp_path / "o")
     assert os.listdir(tmp_path) == []
 
 
@@ -167,11 +185,12 @@ def test_forbidden_mcu_ops_name_their_layers():
 
 def test_layer_normalization_runs_in_tflite_micro():
     # Not an error: lowered to MEAN/SUB/L2_NORMALIZATION (test_lowering.py),
-    # which TFLite Micro runs in int8; verified against LiteRT like any other model.
+    # full int8 without the float NEG of Keras' form; verified against LiteRT.
+    # Asked for in float32 (precision=...), it runs in TFLite Micro in float.
     model = keras.Sequential(
         [
             keras.Input((8, 4)),
-            keras.layers.LayerNormalization(),
+            keras.layers.LayerNormalization(name="norm"),
             keras.layers.Flatten(),
             keras.layers.Dense(2),
         ]
@@ -179,6 +198,12 @@ def test_layer_normalization_runs_in_tflite_micro():
     x = np.random.default_rng(0).normal(size=(16, 8, 4)).astype("float32")
     result = kmt.convert(model, "mcu", representative_data=x, verbose=0)
     assert "L2_NORMALIZATION" in result.ops and result.report["verified"]
+    assert "DEQUANTIZE" not in result.ops
+    result = kmt.convert(
+        model, "mcu", representative_data=x, precision={"norm": "float32"}, verbose=0
+    )
+    assert result.report["verified"]
+    assert result.report["precision"]["norm"] == "float32"
 
 
 # --- convert(): output locations ---------------------------------------------
@@ -389,7 +414,7 @@ def _cli_cases(d):
         ),
         "lstm-model": (
             ["convert", str(d / "lstm.keras"), *calib],
-            "['my_lstm'] hold a TensorFlow loop",
+            "['pad_mask'] produce a mask",
         ),
         "garbage-model": (
             ["convert", str(d / "garbage.keras"), *calib],
@@ -457,3 +482,24 @@ def test_pickle_payload_is_real(tmp_path):
     marker = tmp_path / "marker"
     pickle.loads(pickle.dumps(_Payload(str(marker)))).close()
     assert marker.exists()
+
+
+def test_constant_logits_softmax_refused_before_tflite_micro_aborts(tmp_path):
+    # Zero kernel and bias: the logits are 0 for every input, their int8 scale
+    # is ~1e-8, and TFLite Micro's int8 SOFTMAX aborts the process in Prepare.
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(3, kernel_initializer="zeros", name="dead_head"),
+            keras.layers.Softmax(name="probs"),
+        ]
+    )
+    with pytest.raises(ValueError, match=r"int8 SOFTMAX aborts.*trained") as info:
+        kmt.convert(model, "mcu", representative_data=X, output_dir=tmp_path / "o")
+    assert "dead_head" in str(info.value) or "probs" in str(info.value)
+    assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+    # The same model with live logits converts and runs.
+    model.layers[0].set_weights(
+        [np.random.default_rng(0).normal(size=(6, 3)).astype("float32"), np.zeros(3)]
+    )
+    assert kmt.convert(model, "mcu", representative_data=X, verbose=0).arena_bytes

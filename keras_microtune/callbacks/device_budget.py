@@ -42,6 +42,9 @@ class DeviceBudget(keras.callbacks.Callback):
             small array of training inputs is enough).
         every: int. Check every this many epochs. Defaults to `1`.
         on_exceed: `"warn"` or `"stop"`. Defaults to `"warn"`.
+        patch_inference: passed to `kmt.convert`: `"auto"` measures the arena
+            with patch-based inference, so a model that fits only with it is
+            logged as fitting. Defaults to `None`.
 
     Example:
 
@@ -49,11 +52,21 @@ class DeviceBudget(keras.callbacks.Callback):
     >>> model.fit(x_train, y_train, epochs=5, callbacks=[budget])
     """
 
-    def __init__(self, target, representative_data, every: int = 1, on_exceed="warn"):
+    def __init__(
+        self,
+        target,
+        representative_data,
+        every: int = 1,
+        on_exceed="warn",
+        patch_inference=None,
+    ):
         super().__init__()
+        from keras_microtune.export import patch_inference as patch_lib
         from keras_microtune.export import targets
 
         self.target = targets.get(target)
+        self.patch_inference = patch_inference
+        patch_lib.check_option(patch_inference, self.target)  # Fail before fit.
         if representative_data is None:
             raise ValueError(
                 "Received an invalid value for `representative_data`, expected "
@@ -92,6 +105,7 @@ class DeviceBudget(keras.callbacks.Callback):
             self.target,
             representative_data=self.representative_data,
             verbose=0,
+            patch_inference=self.patch_inference,
         )
         self.seconds += time.perf_counter() - start
         self.result = result

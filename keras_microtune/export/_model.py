@@ -13,8 +13,11 @@ import numpy as np
 _UNSAFE_LAYERS = ("Lambda",)
 
 
-def load(model, safe_mode: bool = True):
+def load(model, safe_mode: bool = True, compile: bool = False):
     """Return `(callable model object, name)` from a model or a path.
+
+    `compile=True` keeps a Keras file's compiled loss and optimizer (the
+    trainable target trains with them).
 
     `.keras` files load with Keras' `safe_mode`; legacy `.h5` files holding a
     `Lambda` layer (marshalled Python code) are refused unless `safe_mode=False`.
@@ -44,7 +47,7 @@ def load(model, safe_mode: bool = True):
 
     if path.endswith(".h5") or path.endswith(".hdf5"):
         _check_h5(path, safe_mode)
-        return keras.saving.load_model(path, compile=False), name
+        return keras.saving.load_model(path, compile=compile), name
     if not path.endswith(".keras"):
         raise ValueError(
             f"Cannot load {path!r}: expected a .keras or .h5 file or a SavedModel "
@@ -52,7 +55,8 @@ def load(model, safe_mode: bool = True):
         )
     _check_keras_file(path, safe_mode)
     try:
-        return keras.saving.load_model(path, compile=False, safe_mode=safe_mode), name
+        model = keras.saving.load_model(path, compile=compile, safe_mode=safe_mode)
+        return model, name
     except ValueError as e:
         if "safe_mode" in str(e) or "unsafe" in str(e).lower():
             raise ValueError(
@@ -195,9 +199,11 @@ def input_specs(model) -> list:
     return out
 
 
-def trace(model, specs):
+def trace(model, specs, constants: bool = False):
     """Trace the model at batch 1 with static shapes; return the concrete function.
 
+    `constants=True` reads every Keras variable as a constant (a graph without
+    variables, for TFLite's SavedModel conversion path; see `recurrent`).
     Raises a ValueError if a non-batch dimension is unknown (None), since TFLite
     Micro needs static shapes.
     """
@@ -212,9 +218,17 @@ def trace(model, specs):
             )
         tensor_specs.append(tf.TensorSpec((1, *shape), dtype, name=f"input_{i}"))
 
+    values = [(v, np.asarray(v)) for v in model.variables] if constants else None
+
     def call(*args):
-        out = model(list(args) if len(args) > 1 else args[0], training=False)
-        return out
+        inputs = list(args) if len(args) > 1 else args[0]
+        if not constants:
+            return model(inputs, training=False)
+        import keras
+
+        mapping = [(v, tf.constant(value)) for v, value in values]
+        with keras.StatelessScope(state_mapping=mapping):
+            return model(inputs, training=False)
 
     with scope_names(model):
         return tf.function(call).get_concrete_function(*tensor_specs)

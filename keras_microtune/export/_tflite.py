@@ -365,12 +365,32 @@ class _AlignedBuffer:
         return schema.BufferEnd(builder)
 
 
-def strip(data: bytes) -> bytes:
+def pack(model, size_hint: int = 0) -> bytes:
+    """Serialize a `ModelT` (flatbuffers object API), buffers 16-byte aligned."""
+    import flatbuffers
+
+    model.buffers = [_AlignedBuffer(b.data) for b in model.buffers]
+    builder = flatbuffers.Builder(size_hint + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def strip(
+    data: bytes, keep_signatures: bool = False, share_buffers: bool = False
+) -> bytes:
     """Remove tensor/subgraph names, signatures, description and metadata.
 
     The metadata TFLite Micro reads (`OfflineMemoryAllocation`) and
     keras_microtune's `keras_microtune.input` entry are kept. Weights,
     graph and quantization are untouched, so outputs stay bit-identical.
+
+    Args:
+        data: the flatbuffer.
+        keep_signatures: keep the signature defs and subgraph names (a
+            multi-signature LiteRT model is run through them).
+        share_buffers: point tensors whose constant data are byte-identical
+            (e.g. a frozen kernel in both the `infer` and the `train`
+            subgraph) at one buffer; the copies are emptied.
     """
     import flatbuffers
 
@@ -379,11 +399,14 @@ def strip(data: bytes) -> bytes:
     if any(b.offset > 1 for b in model.buffers or []):
         return bytes(data)  # >2 GB layout: leave as is.
     model.description = None
-    model.signatureDefs = None
+    if not keep_signatures:
+        model.signatureDefs = None
     for sub in model.subgraphs:
-        sub.name = None
+        if not keep_signatures:
+            sub.name = None
         for t in sub.tensors:
             t.name = None
+    shared = _share_buffers(model) if share_buffers else set()
     kept, dropped = [], set()
     for m in model.metadata or []:
         name = m.name.decode() if isinstance(m.name, bytes) else m.name
@@ -392,12 +415,28 @@ def strip(data: bytes) -> bytes:
     model.metadata = kept or None
     model.metadataBuffer = None
     model.buffers = [
-        _AlignedBuffer(None if i in dropped else b.data)
+        _AlignedBuffer(None if i in dropped or i in shared else b.data)
         for i, b in enumerate(model.buffers)
     ]
     builder = flatbuffers.Builder(len(data) + 1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
+
+
+def _share_buffers(model) -> set[int]:
+    """Re-point tensors at the first buffer holding the same bytes; return
+    the indices of the buffers no tensor uses any more."""
+    first, moved = {}, set()
+    for sub in model.subgraphs:
+        for t in sub.tensors:
+            data = model.buffers[t.buffer].data if t.buffer else None
+            if data is None or len(data) == 0:
+                continue
+            key = bytes(data)
+            if first.setdefault(key, t.buffer) != t.buffer:
+                moved.add(t.buffer)
+                t.buffer = first[key]
+    return moved - set(first.values())
 
 
 def _metadata_name(entry) -> str:

@@ -4,11 +4,15 @@ Run by path (not as a package module) so it imports only numpy and tflite_micro:
 
     python _tflm_worker.py arena MODEL LOW HIGH INPUTS.npz
     python _tflm_worker.py run MODEL ARENA N_OUTPUTS INPUTS.npz OUTPUTS.npz
+    python _tflm_worker.py stream MODEL ARENA N_OUTPUTS INPUTS.npz OUTPUTS.npz
     python _tflm_worker.py time MODEL ARENA MODEL_B ARENA_B INPUTS.npz REPEATS
 
 `arena` prints one line per probe (`probe SIZE ok|fail`) and then
 `result SIZE`; the parent resumes from the printed probes if this process dies.
 `run` writes one array per output (`out0`, ...) stacked over the samples.
+`stream` feeds each sample `(T, ...)` one frame per invoke, resets the
+interpreter (and so the resource variables) between samples, and writes
+outputs `(N, T, ...)`.
 `time` invokes the two models in turn and prints `time MEDIAN_S MEDIAN_B_S`.
 """
 
@@ -75,6 +79,23 @@ def run(model, arena_size, n_outputs, inputs, out_path):
     np.savez(out_path, **{k: np.concatenate(v) for k, v in outputs.items()})
 
 
+def stream(model, arena_size, n_outputs, inputs, out_path):
+    interp = _interpreter(model, arena_size)
+    sequences = inputs["in0"]
+    outputs = {f"out{k}": [] for k in range(int(n_outputs))}
+    for sequence in sequences:
+        steps = {k: [] for k in outputs}
+        for frame in sequence:
+            interp.set_input(frame[None], 0)
+            interp.invoke()
+            for k in range(int(n_outputs)):
+                steps[f"out{k}"].append(np.array(interp.get_output(k)))
+        for k in outputs:
+            outputs[k].append(np.stack(steps[k], axis=1))
+        interp.reset()
+    np.savez(out_path, **{k: np.concatenate(v) for k, v in outputs.items()})
+
+
 def timing(models, arenas, inputs, repeats):
     """Median invoke seconds of each model, invoked alternately on sample 0."""
     interps = [_interpreter(m, a) for m, a in zip(models, arenas)]
@@ -96,9 +117,10 @@ def main(argv):
     if command == "arena":
         with np.load(argv[5], allow_pickle=False) as inputs:
             arena(model, argv[3], argv[4], dict(inputs))
-    elif command == "run":
+    elif command in ("run", "stream"):
         with np.load(argv[5], allow_pickle=False) as inputs:
-            run(model, argv[3], argv[4], dict(inputs), argv[6])
+            fn = run if command == "run" else stream
+            fn(model, argv[3], argv[4], dict(inputs), argv[6])
     elif command == "time":
         with open(argv[4], "rb") as f:
             other = f.read()

@@ -5,9 +5,11 @@
   byte for byte.
 - the application template of `tflite/micro` (`project=True`).
 - PNG plots when matplotlib is installed: memory over the op sequence, flash
-  by layer, and, when given, training curves and confusion matrices.
+  by layer, per-layer error (int8 targets), and, when given, training curves
+  and confusion matrices.
 - `mobile.md` (LiteRT targets): loading snippets with the model's real
-  shapes, dtypes and quantization parameters.
+  shapes, dtypes and quantization parameters; for `mobile-trainable`, the
+  training loop over its real signatures and weight names.
 """
 
 from __future__ import annotations
@@ -121,6 +123,16 @@ def plot_files(result, history=None, evaluations=None) -> dict[str, bytes]:
             result.arena_bytes,
         )
         draw("flash.png", plots.flash_breakdown, flash_rows(result.tflite, info))
+        if result.report.get("layer_errors"):
+            draw("layer_errors.png", plots.layer_errors, result.report["layer_errors"])
+        patched = result.report.get("patch_inference") or {}
+        if patched.get("applied"):
+            draw(
+                "memory_patching.png",
+                plots.memory_before_after,
+                (patched["live_bytes_before"], patched["arena_bytes_before"]),
+                (_tflite.live_bytes_per_op(info), result.arena_bytes),
+            )
         if history:
             draw("training.png", plots.training_curves, history)
         matrices = {
@@ -168,6 +180,102 @@ def mobile_md(tflite: bytes, target_name: str) -> str:
     )
 
 
+def trainable_mobile_md(report: dict) -> str:
+    """Training loop notes for a `mobile-trainable` model: Kotlin and Swift
+    over its real signature, input and weight names."""
+    t = report["training"]
+    batch = t["batch_size"]
+    x_shape = [batch, *report["inputs"][0]["shape"][1:]]
+    out_shape = report["outputs"][0]["shape"][1:]
+    y = t["labels"]
+    y_kind = "IntArray" if y["dtype"] == "int32" else "FloatArray"
+    n_x = int(np.prod(x_shape))
+    n_y = int(np.prod(y["shape"]))
+    n_out = int(np.prod(out_shape))
+    rows = "\n".join(
+        f"| `{v['name']}` | {v['shape']} | `{v['path']}` |" for v in t["variables"]
+    )
+    first = t["variables"][0]["name"]
+    return (
+        f"# Training this model on the device ({report['target']['name']})\n\n"
+        "Signatures (LiteRT, builtin ops only, no Flex delegate):\n\n"
+        f"- `train`: inputs `x` float32 {x_shape}, `y` {y['dtype']} {y['shape']}"
+        f" -> `loss` float32 []: one {t['optimizer']['name']} step "
+        f"(learning rate {t['optimizer']['learning_rate']:g}) on {t['loss']}. "
+        f"The batch is fixed at {batch}: pad or drop a last partial batch.\n"
+        f"- `infer`: input `x` float32 [n, {', '.join(map(str, x_shape[1:]))}]"
+        f" -> `output` float32 [n, {', '.join(map(str, out_shape))}].\n"
+        "- `get_weights`: -> one float32 output per trained variable (below).\n"
+        "- `set_weights`: the same names as inputs (and returns them).\n\n"
+        f"{t['trained_parameters']:,} parameters train; everything else is a "
+        "constant of the file"
+        + (
+            " (frozen weights stored int8; a DEQUANTIZE op in each "
+            "signature turns them back into float32)"
+            if report["conversion"].get("frozen_weights") == "int8"
+            else ""
+        )
+        + ". The optimizer state (moments, step count) lives "
+        "in the interpreter: persist the weights with `get_weights` and restore "
+        "them with `set_weights` in a new interpreter (the optimizer restarts).\n\n"
+        "| name | shape | Keras variable |\n|---|---|---|\n"
+        f"{rows}\n\n"
+        "## Android (Kotlin)\n\n```kotlin\n"
+        '// build.gradle: implementation("com.google.ai.edge.litert:litert:1.+")\n'
+        "val interpreter = Interpreter(\n"
+        '    FileUtil.loadMappedFile(context, "model.tflite"))\n'
+        f"val x = FloatBuffer.allocate({n_x})   // {x_shape}, the user's samples\n"
+        f"val y = {'IntBuffer' if y_kind == 'IntArray' else 'FloatBuffer'}"
+        f".allocate({n_y})     // {y['shape']}, their labels\n"
+        "val loss = FloatBuffer.allocate(1)\n"
+        "for (epoch in 0 until epochs) {\n"
+        "    for (batch in userBatches()) {            // shuffled, "
+        f"{batch} samples each\n"
+        "        x.rewind(); x.put(batch.x); x.rewind()\n"
+        "        y.rewind(); y.put(batch.y); y.rewind()\n"
+        "        loss.rewind()\n"
+        '        interpreter.runSignature(mapOf("x" to x, "y" to y), '
+        'mapOf("loss" to loss), "train")\n'
+        "    }\n}\n"
+        f"val output = Array(1) {{ FloatArray({n_out}) }}\n"
+        'interpreter.runSignature(mapOf("x" to sample), mapOf("output" to output), '
+        '"infer")\n\n'
+        "// Persist the trained weights, restore them after a restart.\n"
+        'val weights = interpreter.getSignatureOutputs("get_weights")\n'
+        "    .associateWith { name -> FloatBuffer.allocate(\n"
+        "        interpreter.getOutputTensorFromSignature(name, "
+        '"get_weights").numElements()) }\n'
+        'interpreter.runSignature(emptyMap(), weights, "get_weights")\n'
+        "saveToFiles(weights)                          // e.g. one file per name\n"
+        "val restored: Map<String, FloatBuffer> = loadFromFiles()\n"
+        "val echo = restored.mapValues { (_, b) -> "
+        "FloatBuffer.allocate(b.capacity()) }\n"
+        'interpreter.runSignature(restored, echo, "set_weights")\n```\n\n'
+        "## iOS (Swift)\n\n```swift\n"
+        "// Podfile: pod 'TensorFlowLiteSwift'\n"
+        'let interpreter = try Interpreter(modelPath: path)  // "model.tflite"\n'
+        'let train = try interpreter.signatureRunner(with: "train")\n'
+        "for _ in 0..<epochs {\n"
+        f"    for batch in userBatches() {{  // {batch} samples: x {x_shape}, "
+        f"y {y['shape']} {y['dtype']}\n"
+        '        try train.invoke(with: ["x": batch.xData, "y": batch.yData])\n'
+        '        let loss = try train.output(named: "loss").data  // one Float32\n'
+        "    }\n}\n"
+        'let infer = try interpreter.signatureRunner(with: "infer")\n'
+        'try infer.invoke(with: ["x": sampleData])\n'
+        f'let output = try infer.output(named: "output").data  // {n_out} Float32\n\n'
+        'let get = try interpreter.signatureRunner(with: "get_weights")\n'
+        "try get.invoke(with: [:])\n"
+        "var saved: [String: Data] = [:]\n"
+        "for name in get.outputs { saved[name] = try get.output(named: name).data }\n"
+        "// ... write `saved` to disk; after a restart read it back, then:\n"
+        'let set = try interpreter.signatureRunner(with: "set_weights")\n'
+        "try set.invoke(with: saved)\n```\n\n"
+        f"Names in `get_weights`/`set_weights` are the table's (e.g. `{first}`).\n"
+        "See tflite/mobile/README.md in keras_microtune for the set-up.\n"
+    )
+
+
 def plots_section(names) -> str:
     if not plots.available():
         return "\n## Plots\n\nmatplotlib is not installed: no plots were drawn.\n"
@@ -185,6 +293,9 @@ def extra_files(result, history=None, evaluations=None, project=False) -> dict:
         files["test_data.h"] = test_data_h(data_in, data_out).encode()
         if project:
             files.update(template_files())
+    elif result.report.get("training"):
+        files["mobile.md"] = trainable_mobile_md(result.report).encode()
+        return files  # Plots of subgraph 0 would show the variable set-up only.
     else:
         files["mobile.md"] = mobile_md(result.tflite, result.report["target"]["name"])
         files["mobile.md"] = files["mobile.md"].encode()

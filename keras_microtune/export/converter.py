@@ -13,7 +13,9 @@ import os
 import re
 
 from keras_microtune.export import compression as compression_lib
-from keras_microtune.export import pipeline, preprocessing
+from keras_microtune.export import patch_inference as patch_lib
+from keras_microtune.export import pipeline, preprocessing, streaming, trainable
+from keras_microtune.export import precision as precision_lib
 from keras_microtune.export import targets as targets_lib
 from keras_microtune.export.passes import flatbuffer, keras_level, measurements
 from keras_microtune.export.result import (  # noqa: F401 - import paths kept
@@ -28,8 +30,28 @@ _check_mcu_ops = flatbuffer.check_ops  # Kept for callers of the old name.
 
 
 def convert_to_tflite(c):
-    """The TFLite converter: the traced model -> a flatbuffer for the target."""
+    """The TFLite converter: the traced model -> a flatbuffer for the target.
+
+    With `precision=...`: calibrated once, quantized with the chosen layers
+    in int16/float32 (`precision.Mixed`); `"auto"` starts from all-int8."""
     rep = c.transform(c.rep)
+    if c.precision is not None:
+        return _convert_mixed(c, rep)
+    if c.stream:
+        if c.target.quantization == "int8" and rep is None:
+            raise ValueError(
+                "streaming=True with an int8 target needs `representative_data` "
+                "(whole sequences); quantization-aware training alone is not "
+                "supported for streaming."
+            )
+        c.tflite = streaming.convert(c.stream, rep, c.target)
+        return {
+            "quantization": c.target.quantization,
+            "calibration_sequences": min(len(rep[0]), streaming.max_sequences(c.stream))
+            if rep is not None
+            else 0,
+            "resource_variables": c.stream.describe()["state_variables"],
+        }
     c.tflite = _tflite_convert(
         c.converted_model,
         c.concrete,
@@ -38,10 +60,48 @@ def convert_to_tflite(c):
         c.qat,
         c.options["verbose"],
         c.options["input_type"],
+        constants=c.trace_constants,
     )
     return {
         "quantization": c.target.quantization,
         "calibration_samples": keras_level.calibration_samples(c),
+    }
+
+
+def convert_trainable(c):
+    """Trainable target: the four signatures (`trainable.build_module`),
+    gradients in builtin ops, converted with resource variables."""
+    from keras_microtune.export import trainable
+
+    c.tflite = trainable.to_tflite(trainable.build_module(c.training))
+    return {"signatures": list(trainable.SIGNATURES)}
+
+
+def _convert_mixed(c, rep):
+    if c.qat or rep is None:
+        raise ValueError(
+            "`precision` applies to post-training quantization with "
+            "`representative_data`; this model was trained with quantization-aware "
+            "training (its ranges are fixed) or no calibration data was given. "
+            "Pass representative_data, or precision=None."
+        )
+    try:
+        c.mixed = precision_lib.Mixed(
+            c.converted_model,
+            c.concrete,
+            _representative(rep, c.options["verbose"]),
+            c.target,
+        )
+        choice = {} if c.precision == "auto" else c.precision
+        c.tflite = c.mixed.build(choice)
+    except ValueError:
+        raise
+    except Exception as e:  # ConverterError and friends.
+        raise _conversion_error(e, c.converted_model, c.target) from None
+    return {
+        "quantization": c.target.quantization,
+        "calibration_samples": keras_level.calibration_samples(c),
+        "precision": c.precision,
     }
 
 
@@ -50,7 +110,9 @@ PASSES = (
     keras_level.load,
     keras_level.strip_pruning,
     keras_level.merge_adapters,
+    keras_level.lower_recurrent,
     keras_level.plan_preprocessing,
+    keras_level.plan_precision,
     keras_level.lower_for_micro,
     keras_level.trace,
     keras_level.detect_qat,
@@ -60,16 +122,38 @@ PASSES = (
     convert_to_tflite,
     # Flatbuffer passes (passes/flatbuffer.py): check and rewrite the .tflite.
     flatbuffer.check_mcu_ops,
+    flatbuffer.check_softmax_scale,
+    flatbuffer.check_full_int8,
+    measurements.layer_errors,  # Before `strip`: it needs the tensor names.
+    flatbuffer.auto_precision,
+    flatbuffer.patch_inference,
     flatbuffer.strip,
     flatbuffer.compress,
     flatbuffer.memory_plan,
     flatbuffer.input_metadata,
     # Measurements (passes/measurements.py): run it, assemble the report.
     measurements.arena,
+    measurements.precision_costs,
+    measurements.recurrent_cost,
     measurements.vela,
     measurements.parity,
     measurements.budget,
     measurements.describe,
+    measurements.verify,
+)
+
+# Targets "mobile-trainable"(-int8) (export/trainable.py): no adapter merging,
+# pruning strip or quantization of what trains (it stays as Keras trains it);
+# tensor names are stripped, and -int8 stores the frozen weights in int8.
+TRAINABLE_PASSES = (
+    keras_level.load,
+    keras_level.plan_training,
+    keras_level.data_to_arrays,
+    convert_trainable,
+    flatbuffer.strip,
+    flatbuffer.int8_frozen_weights,
+    measurements.training_parity,
+    measurements.training_report,
     measurements.verify,
 )
 
@@ -86,6 +170,10 @@ def convert(
     overwrite: bool = False,
     safe_mode: bool = True,
     verbose: int = 1,
+    precision: dict | str | None = None,
+    patch_inference: str | dict | None = None,
+    train_batch_size: int | None = None,
+    streaming: bool = False,
 ) -> ConversionResult:
     """Convert a model for `target`, run it on the real runtimes, and measure it.
 
@@ -119,6 +207,33 @@ def convert(
         overwrite: bool. Allow replacing a non-empty `output_dir`.
         safe_mode: bool. Keras safe deserialization for model files.
         verbose: int. 1 shows a calibration progress bar; 0 is silent.
+        precision: dict, `"auto"` or None. int8 targets: `{"layer name or
+            regex": "int16" | "float32"}` computes those layers in 16x8 or
+            float (QUANTIZE/DEQUANTIZE at their borders); a layer whose op
+            TFLite Micro cannot run at that precision is refused before
+            converting. `"auto"` raises the layers losing the most SQNR
+            within 10% more flash. See `report["precision"]` and
+            `report["precision_costs"]`. Defaults to `None` (all int8).
+        patch_inference: `"auto"`, `{"until": layer, "grid": (rows, cols)}` or
+            None. TFLite Micro targets: run the stage up to `until` patch by
+            patch to cut the arena (`report["patch_inference"]`; README
+            "Patch-based inference"). Defaults to `None`.
+        streaming: bool. Convert a recurrent model (LSTM/GRU/SimpleRNN) to
+            a one-step model: input one frame `(1, features)` per invoke,
+            each layer's state kept in TFLite resource variables
+            (VAR_HANDLE/READ_VARIABLE/ASSIGN_VARIABLE; zero again after
+            `MicroInterpreter::Reset()`). After frame `t` the output is the
+            full model's for frames `0..t`. Data are whole sequences, as for
+            the model; parity compares per frame (`report["parity"]`). See
+            `keras_microtune.export.streaming`. Defaults to `False`.
+        train_batch_size: int or None. Target `"mobile-trainable"` only: the
+            batch its `train` signature takes. Defaults to 16.
+
+    Target `"mobile-trainable"` runs `TRAINABLE_PASSES` instead: a `.tflite`
+    with signatures `infer`, `train`, `get_weights`, `set_weights` that
+    trains `model.trainable_variables` with the compiled loss and optimizer
+    (see `keras_microtune.export.trainable`); `report["training"]` says what
+    trains and how one step in LiteRT compared with Keras.
 
     Returns:
         A `ConversionResult`. `report["passes"]` lists the passes of
@@ -131,6 +246,12 @@ def convert(
         >>> result.arena_bytes, result.fits
     """
     target = targets_lib.get(target)
+    if train_batch_size is not None and not target.trainable:
+        raise ValueError(
+            "`train_batch_size` sets the batch of the train signature of target "
+            f"'mobile-trainable'; target {target.name!r} has none. Received: "
+            f"train_batch_size={train_batch_size!r}"
+        )
     if output_dir is not None:  # Fail before the (slow) conversion.
         check_output_dir(output_dir, overwrite)
     options = {
@@ -138,11 +259,16 @@ def convert(
         "validation_data": validation_data,
         "compression": compression_lib.check(compression, target),
         "input_type": preprocessing.check_input_type(input_type, target),
+        "precision": precision_lib.check(precision, target, input_type),
         "strict": strict,
         "safe_mode": safe_mode,
         "verbose": verbose,
+        "patch_inference": patch_lib.check_option(patch_inference, target),
+        "train_batch_size": trainable.check_batch_size(train_batch_size),
+        "streaming": _check_streaming(streaming),
     }
-    c = pipeline.run(pipeline.Conversion(model, target, options), PASSES)
+    passes = TRAINABLE_PASSES if target.trainable else PASSES
+    c = pipeline.run(pipeline.Conversion(model, target, options), passes)
     c.report["passes"] = c.passes
     result = ConversionResult(c.tflite, c.report, str(c.name), timings=c.timings)
     result._parsed = (c.tflite, c.info)
@@ -151,11 +277,26 @@ def convert(
     return result
 
 
-def _tflite_convert(model, concrete, target, rep, qat, verbose, input_type=None):
+def _check_streaming(streaming):
+    if not isinstance(streaming, bool):
+        raise TypeError(
+            "Received an invalid value for `streaming`, expected True or False. "
+            f"Received: streaming={streaming!r}"
+        )
+    return streaming
+
+
+def _tflite_convert(
+    model, concrete, target, rep, qat, verbose, input_type=None, constants=False
+):
     import tensorflow as tf
 
-    conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
-    conv.experimental_lower_to_saved_model = False  # Freezes variables.
+    if constants:  # Weights already constants: the SavedModel path, which
+        # keeps the fused-LSTM interface functions (`recurrent`).
+        conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], tf.Module())
+    else:
+        conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
+        conv.experimental_lower_to_saved_model = False  # Freezes variables.
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if target.quantization == "int8":
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -180,16 +321,20 @@ def _tflite_convert(model, concrete, target, rep, qat, verbose, input_type=None)
     try:
         return conv.convert()
     except Exception as e:  # ConverterError and friends.
-        message = str(e)
-        tf_ops = sorted(set(re.findall(r"'tf\.(\w+)'", message)))
-        layers = keras_level.layers_with_ops(model, set(tf_ops))
-        first = next((ln for ln in message.splitlines() if "rror" in ln), message)
-        raise ValueError(
-            f"The model cannot be converted to builtin TFLite ops for target "
-            f"{target.name!r}. Unsupported TensorFlow ops: {tf_ops or 'unknown'}; "
-            f"layers involved: {layers or 'unknown'}. Replace these layers with "
-            f"ones TFLite supports natively. Converter said: {first.strip()[:400]}"
-        ) from None
+        raise _conversion_error(e, model, target) from None
+
+
+def _conversion_error(e, model, target) -> ValueError:
+    message = str(e)
+    tf_ops = sorted(set(re.findall(r"'tf\.(\w+)'", message)))
+    layers = keras_level.layers_with_ops(model, set(tf_ops))
+    first = next((ln for ln in message.splitlines() if "rror" in ln), message)
+    return ValueError(
+        f"The model cannot be converted to builtin TFLite ops for target "
+        f"{target.name!r}. Unsupported TensorFlow ops: {tf_ops or 'unknown'}; "
+        f"layers involved: {layers or 'unknown'}. Replace these layers with "
+        f"ones TFLite supports natively. Converter said: {first.strip()[:400]}"
+    )
 
 
 def _representative(xs, verbose):

@@ -31,12 +31,20 @@ class Conversion:
         prep: the `preprocessing.Plan` (None: no leading preprocessing).
         lowerings: `lowering.Lowering`s swapped in while tracing (TFLite
             Micro targets: ops it cannot run in int8, rewritten).
+        recurrent: the `lower_recurrent` rows (None: no recurrent layer);
+            `trace_constants`: trace with weights as constants (fused LSTM).
+        stream: the `streaming.StepModel` (`convert(streaming=True)`).
         rep, val, y_val: calibration inputs, validation inputs and labels as
             lists of arrays (None when not given).
         uncompressed: `(tflite, info)` before weight compression, which LiteRT
             cannot load (None when not compressed).
+        training: the trainable target's plan (`trainable.plan`; None
+            for other targets).
         arena, memory, vela: TFLite Micro arena, memory-plan report entries,
             Vela figures (None / {} until measured).
+        precision: `convert(precision=...)` resolved: `{layer: dtype}` of the
+            layers not in int8, or "auto"; `mixed`: the `precision.Mixed`
+            state (calibration, all-int8 baseline) when precision is asked.
         report: report entries written by the passes; `passes`: their records;
             `timings`: pass name -> wall seconds.
     """
@@ -50,15 +58,21 @@ class Conversion:
     specs: list | None = None
     prep: object = None
     lowerings: list = dataclasses.field(default_factory=list)
+    recurrent: list | None = None
+    stream: object = None
+    trace_constants: bool = False
     concrete: object = None
     qat: bool = False
     rep: list | None = None
     val: list | None = None
     y_val: object = None
     uncompressed: tuple | None = None
+    training: dict | None = None
     arena: dict | None = None
     memory: dict = dataclasses.field(default_factory=dict)
     vela: dict | None = None
+    precision: object = None
+    mixed: object = None
     report: dict = dataclasses.field(default_factory=dict)
     passes: list = dataclasses.field(default_factory=list)
     timings: dict = dataclasses.field(default_factory=dict)

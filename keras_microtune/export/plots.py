@@ -120,6 +120,37 @@ def memory_over_ops(live_bytes, op_names, arena_bytes, path) -> str:
     return path
 
 
+def memory_before_after(before, after, path) -> str:
+    """Live activation bytes per op, unpatched above and patched below;
+    `before`/`after` are (live_bytes, arena_bytes) pairs."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 1, figsize=(8, 5.5), sharey=True)
+    for ax, (live, arena), title in zip(
+        axes, (before, after), ("without patches", "with patch-based inference")
+    ):
+        ax.bar(
+            np.arange(len(live)),
+            np.asarray(live) / 1024,
+            color="#4c72b0",
+            label="live activations",
+        )
+        if arena:
+            ax.axhline(
+                arena / 1024,
+                color="#c44e52",
+                ls="--",
+                label=f"tensor arena {arena / 1024:.1f} KiB",
+            )
+        ax.set_ylabel("KiB")
+        ax.set_title(f"Memory over the op sequence, {title}", fontsize=9)
+        ax.legend(fontsize=8)
+    axes[-1].set_xlabel("op index")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def flash_breakdown(rows, path) -> str:
     """Stacked bytes per layer: rows are (layer, {category: bytes})."""
     plt = _pyplot()
@@ -136,6 +167,25 @@ def flash_breakdown(rows, path) -> str:
     ax.set_xlabel("KiB")
     ax.set_title(f"Flash: {left.sum() / 1024:.1f} KiB by layer")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def layer_errors(rows, path) -> str:
+    """SQNR (dB) of each layer's converted output against float, worst first."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.28 * len(rows) + 1)))
+    y = np.arange(len(rows))
+    sqnr = np.array([r["sqnr_db"] for r in rows], "float64")
+    colors = ["#c44e52" if v < 20 else "#4c72b0" for v in sqnr]
+    ax.barh(y, sqnr, color=colors)
+    ax.set_yticks(y, [f"{r['layer']} ({r['dtype']})" for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(20, color="#888888", ls="--", lw=1)
+    ax.set_xlabel("SQNR vs float (dB, higher is better; red: below 20 dB)")
+    ax.set_title("Per-layer error, worst first")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -132,9 +132,28 @@ def rows(report: dict) -> list[tuple[str, str]]:
                 f"{v['inferences_per_second']:.1f} ({v['cycles']:,} cycles)",
             ),
         ]
-    from keras_microtune.export import compression
+    from keras_microtune.export import compression, patch_inference
 
     out += compression.rows(report)
+    out += patch_inference.rows(report)
+    if report.get("training"):
+        t = report["training"]
+        check = t["check"]
+        out += [
+            ("signatures", ", ".join(t["signatures"])),
+            (
+                "trains",
+                f"{t['trained_parameters']:,} parameters in {len(t['variables'])} "
+                f"variables ({t['optimizer']['name']}, {t['loss']}, batch "
+                f"{t['batch_size']})",
+            ),
+            (
+                "train step vs Keras",
+                f"loss error {check['loss_abs_error']:.3g}, weights error "
+                f"{check['weights_max_abs_error']:.3g}, set/get round trip "
+                + ("exact" if check["set_get_round_trip_exact"] else "NOT exact"),
+            ),
+        ]
     for key, value in (report["parity"] or {}).items():
         if isinstance(value, float):
             value = f"{value:.6g}"
@@ -172,8 +191,28 @@ def markdown(report: dict) -> str:
             "measured arena plus 20% and 1024 bytes for optimized kernels' scratch "
             "buffers (CMSIS-NN, ESP-NN) and 32-bit layout differences.",
         ]
+    lines += layer_errors_table(report.get("layer_errors"))
     lines += _passes_table(report.get("passes"))
     return "\n".join(lines) + "\n"
+
+
+def layer_errors_table(rows) -> list[str]:
+    """report.md's "Per-layer error" section, worst layer first."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Per-layer error (converted vs float, worst first)",
+        "",
+        "| layer | SQNR dB | cosine | max abs error | op | dtype |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {_md(r['layer'])} | {r['sqnr_db']:.1f} | {r['cosine']:.5f} | "
+            f"{r['max_abs_error']:.4g} | {r['op']} | {r['dtype']} |"
+        )
+    return lines
 
 
 def _passes_table(passes) -> list[str]:

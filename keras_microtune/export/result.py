@@ -113,9 +113,9 @@ class ConversionResult:
         (a test input and TFLite Micro's output for it); `project=True` adds
         the application template (`main.cc`, `Makefile`, `README.md`). LiteRT
         targets add `mobile.md`. With matplotlib installed, PNG plots:
-        `memory.png`, `flash.png`, and `training.png` / `confusion.png` when
-        `history` (a Keras History dict) / `evaluations` (title ->
-        `kmt.evaluate` result) are given.
+        `memory.png`, `flash.png`, `layer_errors.png` (int8 targets), and
+        `training.png` / `confusion.png` when `history` (a Keras History
+        dict) / `evaluations` (title -> `kmt.evaluate` result) are given.
 
         Files go to a temporary folder beside `directory` that is renamed into
         place at the end: on any failure the destination is left as it was.

@@ -17,6 +17,7 @@ from keras_microtune.export import _tflite
 
 _WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_tflm_worker.py")
 _MAX_ARENA = 1 << 30
+_MAX_CRASH_RETRY_ARENA = 64 << 20  # A crash at every size up to here: give up.
 
 
 class RuntimeFailure(RuntimeError):
@@ -115,6 +116,17 @@ def litert_run(tflite: bytes, inputs: list[np.ndarray], reference: bool = False)
     return [np.concatenate(r) for r in results]
 
 
+def litert_stream(tflite: bytes, sequences: np.ndarray, reference: bool = False):
+    """A streaming model in LiteRT: each sequence `(T, ...)` fed one frame per
+    invoke from a fresh interpreter (zero state); raw outputs `(N, T, ...)`
+    of the first output."""
+    out = []
+    for sequence in sequences:
+        # One "sample" per frame through one interpreter: the state carries.
+        out.append(litert_run(tflite, [sequence], reference)[0][None])
+    return np.concatenate(out)
+
+
 # Run the worker file by path without putting its folder on sys.path (where
 # `inspect.py` would shadow the standard library's `inspect`).
 _LAUNCH = (
@@ -152,11 +164,18 @@ def _zeros(info: _tflite.ModelInfo) -> dict:
 
 
 def tflm_run(
-    tflite: bytes, inputs: list[np.ndarray], arena_bytes: int, timeout=600, info=None
+    tflite: bytes,
+    inputs: list[np.ndarray],
+    arena_bytes: int,
+    timeout=600,
+    info=None,
+    frames: bool = False,
 ):
     """Run each sample in the TFLite Micro interpreter (in a child process).
 
     `info`: `tflite` parsed (`_tflite.parse`), when the caller has it.
+    `frames=True` (a streaming model): each sample `(T, ...)` is fed one frame
+    per invoke from a reset state; outputs are `(N, T, ...)`.
     """
     info = info or _tflite.parse(tflite)
     with tempfile.TemporaryDirectory(prefix="kmt_tflm_") as tmp:
@@ -165,8 +184,9 @@ def tflm_run(
         with open(model_path, "wb") as f:
             f.write(tflite)
         np.savez(in_path, **{f"in{i}": x for i, x in enumerate(inputs)})
+        command = "stream" if frames else "run"
         proc = _worker(
-            ["run", model_path, arena_bytes, len(info.outputs), in_path, out_path],
+            [command, model_path, arena_bytes, len(info.outputs), in_path, out_path],
             timeout,
         )
         if proc.returncode != 0:
@@ -238,9 +258,10 @@ def measure_arena(tflite: bytes, lower_bound: int = 0, timeout=600, info=None) -
         high_ok = False  # whether `high` was seen to allocate
         for _attempt in range(64):
             proc = _worker(["arena", model_path, low, high, in_path], timeout)
-            result = None
+            result, probed = None, False
             for line in proc.stdout.splitlines():
                 parts = line.split()
+                probed = probed or parts[:1] == ["probe"]
                 if parts[:1] == ["probe"]:
                     size = int(parts[1])
                     if parts[2] == "ok":
@@ -254,6 +275,16 @@ def measure_arena(tflite: bytes, lower_bound: int = 0, timeout=600, info=None) -
                     raise RuntimeFailure(
                         "TFLite Micro cannot run this model: "
                         f"{_error_lines(proc.stderr + proc.stdout)}"
+                    )
+                low, high = high, min(high * 4, _MAX_ARENA)
+                continue
+            if result is None and not probed and not high_ok:
+                # It died on `high` itself: some kernels crash instead of
+                # failing when the arena is too small, so grow it as for "none".
+                if high >= _MAX_CRASH_RETRY_ARENA:
+                    raise RuntimeFailure(
+                        f"TFLite Micro crashed (exit code {proc.returncode}): "
+                        f"{_error_lines(proc.stderr)}"
                     )
                 low, high = high, min(high * 4, _MAX_ARENA)
                 continue

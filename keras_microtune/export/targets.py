@@ -33,6 +33,9 @@ class Target:
             budget.
         flash_bytes: int or None. Flash available to the model; None: no budget.
         accelerator: str or None. Vela accelerator configuration (Arm Ethos-U).
+        trainable: bool. The model keeps its trainable variables and gets
+            `infer`, `train`, `get_weights` and `set_weights` signatures for
+            training on the device (LiteRT only; `export/trainable.py`).
     """
 
     name: str
@@ -43,6 +46,7 @@ class Target:
     ram_bytes: int | None = None
     flash_bytes: int | None = None
     accelerator: str | None = None
+    trainable: bool = False
 
     def __post_init__(self):
         if self.runtime not in RUNTIMES:
@@ -57,6 +61,15 @@ class Target:
             )
         if self.runtime == "tflm" and self.quantization != "int8":
             raise ValueError("TFLite Micro targets must use int8 quantization.")
+        if self.trainable and (
+            self.runtime != "litert" or self.quantization not in ("float32", "dynamic")
+        ):
+            raise ValueError(
+                "Trainable targets run in LiteRT with float32 training (frozen "
+                "weights float32, or int8 with quantization='dynamic'). "
+                f"Received: runtime={self.runtime!r}, "
+                f"quantization={self.quantization!r}"
+            )
 
     @property
     def is_mcu(self) -> bool:
@@ -108,6 +121,24 @@ _TARGETS = {
             "litert",
             "float32",
             "float32",
+        ),
+        Target(
+            "mobile-trainable",
+            "LiteRT, trains its adapters on the device: infer/train/get_weights/"
+            "set_weights signatures, builtin ops",
+            "litert",
+            "float32",
+            "float32",
+            trainable=True,
+        ),
+        Target(
+            "mobile-trainable-int8",
+            "mobile-trainable with the frozen weights stored int8 (a DEQUANTIZE "
+            "op restores float32); what trains stays float32",
+            "litert",
+            "dynamic",
+            "float32",
+            trainable=True,
         ),
         Target(
             "android",

@@ -16,6 +16,9 @@ MCU_PASSES = [
     "data_to_arrays",
     "convert_to_tflite",
     "check_mcu_ops",
+    "check_softmax_scale",
+    "check_full_int8",
+    "layer_errors",
     "strip",
     "memory_plan",
     "arena",
@@ -24,7 +27,8 @@ MCU_PASSES = [
     "describe",
     "verify",
 ]
-MCU_ONLY = {"check_mcu_ops", "strip", "memory_plan", "arena"}
+MCU_ONLY = {"check_mcu_ops", "check_softmax_scale", "strip", "memory_plan", "arena"}
+MCU_ONLY |= {"check_full_int8", "layer_errors"}  # layer_errors: int8 targets.
 
 
 @pytest.fixture

@@ -48,6 +48,7 @@ def test_save_writes_all_files_and_c_array_matches(mcu_results, tmp_path, cpp_co
     names = sorted(p.name for p in out.iterdir())
     assert names == [
         "flash.png",
+        "layer_errors.png",
         "memory.png",
         "model.tflite",
         "model_data.cc",

@@ -3,18 +3,21 @@
 Each pass takes the `pipeline.Conversion` and returns what it did (None: not
 applicable). A pass that rewrites the model sets `c.tflite` (or calls
 `c.set_tflite(data, info)` when it already parsed the new bytes); the runner
-records `bytes_before` / `bytes_after`. In order: `check_mcu_ops`, `strip`,
-`compress`, `memory_plan`, `input_metadata`.
+records `bytes_before` / `bytes_after`. In order: `check_mcu_ops`,
+`check_softmax_scale`, `check_full_int8`, (`measurements.layer_errors`),
+`auto_precision`, `patch_inference`, `strip`, `compress`, `memory_plan`,
+`input_metadata`.
 """
 
 from __future__ import annotations
 
 import contextlib
 
-from keras_microtune.export import _tflite, preprocessing, runtimes
+from keras_microtune.export import _tflite, patching, preprocessing, runtimes
 from keras_microtune.export import compression as compression_lib
 from keras_microtune.export import input_metadata as input_metadata_lib
 from keras_microtune.export import memory_plan as memory_plan_lib
+from keras_microtune.export import patch_inference as patch_lib
 
 # Ops that must never reach a microcontroller model.
 MCU_FORBIDDEN = {
@@ -24,24 +27,209 @@ MCU_FORBIDDEN = {
     "WHILE",
     "CALL_ONCE",
 }
+# What a streaming model (`convert(streaming=True)`) keeps its state with.
+STATE_OPS = {"VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE", "CALL_ONCE"}
 
 
 def check_mcu_ops(c):
     """TFLite Micro targets: builtin int8 ops and int8 (or `input_type`) I/O."""
     if not c.target.is_mcu:
         return None
-    check_ops(c.info, c.target, c.options["input_type"], c.converted_model)
+    allowed = STATE_OPS if c.stream else set()
+    check_ops(c.info, c.target, c.options["input_type"], c.converted_model, allowed)
     return {"ops_checked": len(c.info.ops)}
 
 
-def strip(c):
-    """TFLite Micro targets: drop names, signatures and metadata (`_tflite.strip`)."""
+def check_full_int8(c):
+    """TFLite Micro targets: name the layers still computed in float (ops
+    between a DEQUANTIZE and a QUANTIZE) and refuse them unless
+    `precision` asked for float32 there."""
     if not c.target.is_mcu:
         return None
+    rows = float_layers(c.converted_model, c.concrete, c.info)
+    c.report["float_layers"] = rows
+    asked = c.precision if isinstance(c.precision, dict) else {}
+    if c.precision == "auto":  # "auto" takes float32 where TFLite Micro has it.
+        asked = auto_float_layers(c.converted_model, rows)
+    bad = [r for r in rows if asked.get(r["layer"]) != "float32"]
+    if bad:
+        named = ", ".join(f"{r['layer']!r} ({r['op']})" for r in bad)
+        raise ValueError(
+            f"Target {c.target.name!r} is full int8, but the converted model "
+            f"computes these layers in float: {named}; TFLite's quantizer has no "
+            "int8 kernel for their ops, so it left DEQUANTIZE/QUANTIZE around "
+            "them. Replace these layers with ones that have int8 kernels, or "
+            "accept float there with precision={<layer>: 'float32'}."
+        )
+    return {"float_layers": [r["layer"] for r in rows]}
+
+
+def auto_float_layers(model, rows) -> dict[str, str]:
+    """`precision="auto"`: the layers the quantizer left in float whose op
+    TFLite Micro runs in float32 (`precision.layer_op`), as `{layer: "float32"}`."""
+    from keras_microtune.export import precision
+
+    layers = {ly.name: ly for ly in getattr(model, "layers", [])}
+    return {
+        r["layer"]: "float32"
+        for r in rows
+        if r["layer"] in layers
+        and "float32" in precision.layer_op(layers[r["layer"]])[1]
+    }
+
+
+def float_layers(model, concrete, info) -> list[dict]:
+    """`{"layer", "op"}` for each op computing in float (not QUANTIZE or
+    DEQUANTIZE), by the Keras layer its output tensor belongs to."""
+    import keras
+
+    from keras_microtune.export import layer_errors
+    from keras_microtune.optimize import graph
+
+    owner = {}
+    if isinstance(model, keras.Model) and graph.is_graph_model(model):
+        owner = layer_errors.owners(model, concrete, info)
+    rows = []
+    for op, _, outs in info.op_sequence:
+        if op in ("QUANTIZE", "DEQUANTIZE"):
+            continue
+        if not any(info.tensors[t].dtype in ("float32", "float16") for t in outs):
+            continue
+        layer = next((owner[t].name for t in outs if t in owner), None)
+        if layer is None:
+            found = _layers_of_tensors(model, info, {op})
+            layer = found[0] if found else info.tensors[outs[0]].name
+        row = {"layer": layer, "op": op}
+        if row not in rows:
+            rows.append(row)
+    return rows
+
+
+def auto_precision(c):
+    """`precision="auto"`: raise the layers losing the most SQNR to int16 (or
+    float32) while the worst layer is below the goal (`precision.auto`)."""
+    if c.precision != "auto":
+        return None
+    from keras_microtune.export import layer_errors, precision
+
+    model, concrete = c.converted_model, c.concrete
+    x_eval = c.transform(c.val if c.val is not None else c.rep)
+    order = [ly.name for ly in model.layers]
+
+    def measure(tflite):
+        info = _tflite.parse(tflite)
+        return layer_errors.measure(model, concrete, tflite, info, x_eval)
+
+    start = auto_float_layers(model, c.report.get("float_layers") or [])
+    if start:  # Quantize those layers as float32 on purpose (whole layer).
+        c.tflite = c.mixed.build(start)
+        rows = measure(c.tflite)
+    else:
+        rows = c.report.get("layer_errors") or measure(c.tflite)
+    choice, tflite, rows, steps = precision.auto(
+        c.mixed, rows, measure, order, start=start
+    )
+    c.precision = choice
+    c.tflite = tflite
+    c.report["layer_errors"] = rows
+    if c.target.is_mcu:
+        c.report["float_layers"] = float_layers(model, concrete, c.info)
+    return {
+        "raised": choice,
+        "steps": steps,
+        "goal_sqnr_db": precision.AUTO_GOAL_DB,
+        "worst_sqnr_db": rows[0]["sqnr_db"] if rows else None,
+    }
+
+
+# TFLite Micro's int8 SOFTMAX needs input_scale * 2**26 > 1 (its fixed-point
+# multiplier must exceed one); below that the interpreter aborts in Prepare.
+SOFTMAX_MIN_INPUT_SCALE = 2.0**-26
+
+
+def check_softmax_scale(c):
+    """TFLite Micro targets: refuse an int8 SOFTMAX whose input scale TFLite
+    Micro aborts on (inputs almost constant on the calibration data)."""
+    if not c.target.is_mcu or "SOFTMAX" not in c.info.ops:
+        return None
+    from ai_edge_litert.interpreter import Interpreter
+
+    details = {
+        d["index"]: d for d in Interpreter(model_content=c.tflite).get_tensor_details()
+    }
+    checked = 0
+    for op, ins, _ in c.info.op_sequence:
+        if op != "SOFTMAX" or details[ins[0]]["dtype"].__name__ != "int8":
+            continue
+        checked += 1
+        scale = float(details[ins[0]]["quantization"][0])
+        if scale * 2**26 <= 1:
+            layers = _layers_of_tensors(c.converted_model, c.info, {"SOFTMAX"})
+            layers = layers or [c.info.tensors[ins[0]].name]
+            raise ValueError(
+                f"The softmax input (layers {layers or 'unknown'}) has int8 scale "
+                f"{scale:.3g}: its values span almost nothing on the calibration "
+                f"data, and TFLite Micro's int8 SOFTMAX aborts below a scale of "
+                f"{SOFTMAX_MIN_INPUT_SCALE:.3g}. The logits are (nearly) constant: "
+                "check that the model is trained (a dead network outputs the same "
+                "logits for every input) and that representative_data looks like "
+                "the real inputs (same scaling). Or end the model with logits "
+                "(no softmax) and apply softmax on the device."
+            )
+    return {"softmax_ops": checked}
+
+
+def patch_inference(c):
+    """`patch_inference=...`: compute the first stage patch by patch
+    (`patch_inference.apply`; before `strip`, which drops the layer names it reads)."""
+    spec = c.options.get("patch_inference")
+    if spec is None:
+        return None
+    import keras
+
+    from keras_microtune.optimize import graph
+
+    model = c.converted_model
+    # Layer names, nested models' included (tf_keras and SavedModels: their own).
+    layers = graph.walk(model) if isinstance(model, keras.Model) else []
+    names = [layer.name for layer in layers or getattr(model, "layers", [])]
+    try:
+        with cannot_run(c.info):
+            tflite, report = patch_lib.apply(c.tflite, c.info, spec, names)
+    except patching.PatchError as e:
+        raise ValueError(f"patch_inference={spec}: {e}") from None
+    if tflite is not c.tflite:
+        c.tflite = tflite
+    c.report["patch_inference"] = report
+    keys = ("applied", "until", "grid", "arena_bytes_before", "arena_bytes_after")
+    return {k: report[k] for k in keys if k in report}
+
+
+def strip(c):
+    """TFLite Micro targets: drop names, signatures and metadata (`_tflite.strip`).
+    Trainable target: drop tensor names, keep the signatures, and share the
+    frozen constants its `infer` and `train` subgraphs both hold."""
+    if not (c.target.is_mcu or c.target.trainable):
+        return None
     before = c.tflite
-    c.tflite = _tflite.strip(before)
+    trainable = c.target.trainable
+    c.tflite = _tflite.strip(before, keep_signatures=trainable, share_buffers=trainable)
     c.report["stripped_bytes_saved"] = len(before) - len(c.tflite)
     return {}
+
+
+def int8_frozen_weights(c):
+    """Target `mobile-trainable-int8`: frozen weights of 1024+ values stored
+    int8 with a DEQUANTIZE op (`int8_weights.apply`); what trains stays
+    float32. The float32 file is kept for the exact train-step check."""
+    if not (c.target.trainable and c.target.quantization == "dynamic"):
+        return None
+    from keras_microtune.export import int8_weights
+
+    c.training["float_tflite"] = c.tflite
+    tflite, summary = int8_weights.apply(c.tflite)
+    c.tflite = tflite
+    return summary
 
 
 def compress(c):
@@ -63,8 +251,8 @@ def compress(c):
 def memory_plan(c):
     """TFLite Micro targets without an NPU (Vela plans those): embed an offline
     memory plan when it lowers the measured arena (`memory_plan.apply`)."""
-    if not c.target.is_mcu or c.target.accelerator:
-        return None
+    if not c.target.is_mcu or c.target.accelerator or c.stream:
+        return None  # A streaming model's state subgraph is not planned here.
     lower = _tflite.activation_lower_bound(c.info)
     with cannot_run(c.info):
         tflite, info, c.arena, c.memory = memory_plan_lib.apply(c.tflite, c.info, lower)
@@ -107,10 +295,13 @@ def cannot_run(info):
         ) from None
 
 
-def check_ops(info, target, input_type=None, model=None):
-    """Raise when `info` holds ops or I/O dtypes TFLite Micro int8 cannot run."""
+def check_ops(info, target, input_type=None, model=None, allowed=frozenset()):
+    """Raise when `info` holds ops or I/O dtypes TFLite Micro int8 cannot run
+    (`allowed`: forbidden ops this model may hold, e.g. `STATE_OPS`)."""
     bad = sorted(
-        op for op in info.ops if op in MCU_FORBIDDEN or op.startswith("CUSTOM")
+        op
+        for op in info.ops
+        if (op in MCU_FORBIDDEN - set(allowed)) or op.startswith("CUSTOM")
     )
     float_io = [
         info.tensors[t].dtype

@@ -2,8 +2,9 @@
 
 Each pass takes the `pipeline.Conversion` and returns what it did (None: not
 applicable). In order: `load`, `strip_pruning`, `merge_adapters`,
-`plan_preprocessing`,
-`trace`, `detect_qat`, `data_to_arrays`.
+`lower_recurrent`, `plan_preprocessing`, `plan_precision`,
+`trace`, `detect_qat`, `data_to_arrays`; for the trainable target `load`,
+`plan_training`, `data_to_arrays`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import functools
 import numpy as np
 
 from keras_microtune import data as kmt_data
-from keras_microtune.export import _model, lowering, preprocessing
+from keras_microtune.export import _model, lowering, preprocessing, recurrent
 
 MAX_CALIBRATION = 1000  # Calibration samples the TFLite converter sees, at most.
 LOWERING_SAMPLES = 64  # Samples the lowered float model is checked on.
@@ -22,8 +23,38 @@ _LOOP_OPS = {"While", "StatelessWhile"}
 
 def load(c):
     """The model object (loaded from a path when given one) and its name."""
-    c.source, c.name = _model.load(c.model, safe_mode=c.options["safe_mode"])
+    c.source, c.name = _model.load(
+        c.model, safe_mode=c.options["safe_mode"], compile=c.target.trainable
+    )
     return {"model": str(c.name), "type": type(c.source).__name__}
+
+
+def plan_training(c):
+    """Trainable target: check the model trains on the device as in Keras
+    (compiled loss and SGD/Adam, no random layers) and list what trains:
+    exactly `model.trainable_variables`, nothing merged or stripped."""
+    import keras
+
+    from keras_microtune.export import trainable
+
+    if not c.target.trainable:
+        return None
+    if not isinstance(c.source, keras.Model):
+        raise ValueError(
+            f"Target {c.target.name!r} exports a Keras 3 model's training step; "
+            f"received {type(c.source).__name__}. Pass the keras.Model (e.g. from "
+            "kmt.attach), compiled with its loss and optimizer."
+        )
+    c.training = trainable.plan(c.source, c.options["train_batch_size"])
+    c.specs = _model.input_specs(c.source)
+    summary = c.training["report"]
+    return {
+        "trained_variables": len(summary["variables"]),
+        "trained_parameters": summary["trained_parameters"],
+        "loss": summary["loss"],
+        "optimizer": summary["optimizer"]["name"],
+        "batch_size": summary["batch_size"],
+    }
 
 
 def strip_pruning(c):
@@ -59,11 +90,43 @@ def merge_adapters(c):
     return {"adapters": rows}
 
 
+def lower_recurrent(c):
+    """int8 and TFLite Micro targets: Keras LSTM/GRU/SimpleRNN/Bidirectional
+    layers (a TensorFlow While loop) become what TFLite Micro runs: an LSTM
+    the fused int8 UNIDIRECTIONAL_SEQUENCE_LSTM, other layers an unrolled
+    graph (`recurrent.lower`). Float targets keep the loop."""
+    import keras
+
+    from keras_microtune.export import streaming
+    from keras_microtune.optimize import graph
+
+    keras_graph = isinstance(c.source, keras.Model) and graph.is_graph_model(c.source)
+    if c.options.get("streaming"):
+        if not keras_graph:
+            raise ValueError(
+                "streaming=True needs a Keras 3 Functional or Sequential model. "
+                f"Received: {type(c.source).__name__}."
+            )
+        c.stream = streaming.StepModel(c.source)
+        return {"streaming": c.stream.describe()}
+    if c.target.quantization != "int8" and not c.target.is_mcu:
+        return None
+    if not keras_graph:
+        return None  # tf_keras, subclassed models: `check_loops` still applies.
+    c.source, rows = recurrent.lower(c.source)
+    if not rows:
+        return None
+    c.recurrent = rows
+    c.trace_constants = any(row["lowering"] == "fused" for row in rows)
+    return {"layers": rows}
+
+
 def plan_preprocessing(c):
     """Input specs, and how a leading Rescaling/Normalization is converted
     (`preprocessing.plan`: folded into the input quantization, or one op)."""
     c.specs = _model.input_specs(c.source)
-    c.prep = preprocessing.plan(c.source, c.target)
+    # A streaming model runs its preprocessing layers per frame, inside.
+    c.prep = None if c.stream else preprocessing.plan(c.source, c.target)
     if c.prep is None:
         return {"preprocessing": None}
     return {"preprocessing": list(c.prep.affine.layers), "folded": c.prep.folded}
@@ -82,11 +145,35 @@ def lower_for_micro(c):
     return {"lowered": [low.record for low in c.lowerings]}
 
 
+def plan_precision(c):
+    """`precision=...`: the layers to keep out of int8, checked against the
+    kernels TFLite Micro has, before converting (`precision.resolve`)."""
+    import keras
+
+    from keras_microtune.export import precision
+    from keras_microtune.optimize import graph
+
+    spec = c.options.get("precision")
+    if spec is None:
+        return None
+    model = c.converted_model
+    if not isinstance(model, keras.Model) or not graph.is_graph_model(model):
+        raise ValueError(
+            "`precision` needs a Keras 3 Sequential or Functional model (its "
+            f"layers are named in the choice). Received: {type(model).__name__}"
+        )
+    c.precision = "auto" if spec == "auto" else precision.resolve(model, spec)
+    return {"precision": c.precision}
+
+
 def trace(c):
     """Trace the model to convert at batch 1 (with `c.lowerings` swapped in);
     refuse loops and unlowered activations the target cannot run."""
+    if c.stream:  # One frame per call; the state is in variables.
+        c.concrete = c.stream.function.get_concrete_function()
+        return {"inputs": [list(c.stream.frame_shape)], "per_invoke": "frame"}
     with lowering.applied(c.lowerings):
-        c.concrete = _model.trace(c.converted_model, c.specs)
+        c.concrete = _model.trace(c.converted_model, c.specs, c.trace_constants)
         check_loops(c.converted_model, c.concrete, c.target)
         if c.target.is_mcu:
             check_unlowered(c.converted_model, c.concrete, c.target)

@@ -1,0 +1,148 @@
+"""convert(streaming=True): one frame per invoke, state in resource variables."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_microtune as kmt
+from keras_microtune.export import runtimes, streaming
+
+L = keras.layers
+T, F = 8, 3
+STATE_OPS = {"VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE", "CALL_ONCE"}
+
+
+def _x(n=32, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, T, F)).astype("float32")
+
+
+def per_frame_model():
+    """A per-frame classifier: LSTM -> Dense -> GRU, an output every step."""
+    inp = keras.Input((T, F))
+    h = L.LSTM(4, return_sequences=True, name="lstm")(inp)
+    h = L.Dense(4, activation="relu")(h)
+    h = L.GRU(3, return_sequences=True, name="gru")(h)
+    out = L.TimeDistributed(L.Dense(3, activation="softmax"))(h)
+    return keras.Model(inp, out, name="per_frame")
+
+
+@pytest.fixture(scope="module")
+def streamed():
+    keras.utils.set_random_seed(4)
+    model = per_frame_model()
+    result = kmt.convert(
+        model, "mcu", representative_data=_x(), streaming=True, verbose=0
+    )
+    return model, result
+
+
+def test_streaming_model_keeps_state_in_resource_variables(streamed):
+    model, result = streamed
+    assert STATE_OPS <= set(result.ops)
+    assert "WHILE" not in result.ops
+    ins, outs = runtimes.io_details(result.tflite)
+    assert tuple(ins[0]["shape"]) == (1, F)  # One frame per invoke.
+    assert ins[0]["dtype"] == np.int8 and outs[0]["dtype"] == np.int8
+    rows = {p["name"]: p for p in result.report["passes"]}
+    described = rows["lower_recurrent"]["streaming"]
+    assert [r["layer"] for r in described["layers"]] == ["lstm", "gru"]
+    assert described["state_variables"] == 3  # LSTM h, c; GRU h.
+    assert rows["convert_to_tflite"]["resource_variables"] == 3
+
+
+def test_streaming_outputs_per_frame_equal_the_full_sequence_model(streamed):
+    model, result = streamed
+    x = _x(8, seed=5)
+    ins, outs = runtimes.io_details(result.tflite)
+    raw = runtimes.tflm_run(
+        result.tflite, [runtimes.quantize(x, ins[0])], result.arena_bytes, frames=True
+    )[0]
+    got = runtimes.dequantize(raw, outs[0])  # (N, T, classes), zero state each
+    want = np.asarray(model(x))
+    assert got.shape == want.shape
+    step = outs[0]["quantization"][0]
+    assert np.abs(got - want).max() <= 6 * step, np.abs(got - want).max()
+    p = result.parity
+    assert p["step_float_max_abs_error"] < 1e-5  # The step graph is the model.
+    assert p["frames_per_sample"] == T and p["tflm_within_tolerance"]
+    assert result.report["verified"]
+
+
+def test_streaming_state_really_carries_between_invokes(streamed):
+    # Without memory, the outputs for the reversed sequence would be the
+    # reversed outputs; and each sequence starts again from a zero state.
+    _, result = streamed
+    ins, outs = runtimes.io_details(result.tflite)
+    x = _x(1, seed=6)
+    both = np.concatenate([x, x[:, ::-1]])
+    raw = runtimes.tflm_run(
+        result.tflite,
+        [runtimes.quantize(both, ins[0])],
+        result.arena_bytes,
+        frames=True,
+    )[0]
+    assert not np.array_equal(raw[0], raw[1][::-1])
+    assert np.array_equal(
+        raw[0, 0],
+        runtimes.tflm_run(
+            result.tflite,
+            [runtimes.quantize(x, ins[0])],
+            result.arena_bytes,
+            frames=True,
+        )[0][0, 0],
+    )
+
+
+def test_streaming_files_register_the_variable_ops(streamed, tmp_path):
+    _, result = streamed
+    result.save(tmp_path / "out")
+    resolver = (tmp_path / "out" / "op_resolver.h").read_text()
+    for method in ("AddVarHandle", "AddReadVariable", "AddAssignVariable"):
+        assert method in resolver
+
+
+@pytest.mark.parametrize(
+    "layers, match",
+    [
+        ([L.Bidirectional(L.LSTM(2))], r"Bidirectional.*future frames"),
+        ([L.Conv1D(2, 3), L.LSTM(2)], r"'conv1d\w*' \(Conv1D\) acts on the time axis"),
+        ([L.LSTM(2, return_state=True)], r"return_state=True"),
+        ([L.Dense(2)], r"needs an LSTM, GRU or SimpleRNN"),
+    ],
+    ids=["bidirectional", "conv-before", "return-state", "no-rnn"],
+)
+def test_streaming_refuses_what_it_cannot_stream(layers, match):
+    inp = keras.Input((T, F))
+    h = inp
+    for layer in layers:
+        h = layer(h)
+        h = h[0] if isinstance(h, (list, tuple)) else h
+    with pytest.raises(ValueError, match=match):
+        streaming.StepModel(keras.Model(inp, h))
+
+
+def test_streaming_flag_must_be_bool():
+    with pytest.raises(TypeError, match=r"`streaming`, expected True or False"):
+        kmt.convert(per_frame_model(), "mcu", streaming="yes")
+
+
+@pytest.mark.slow
+def test_streaming_final_output_of_a_sequence_classifier():
+    keras.utils.set_random_seed(7)
+    inp = keras.Input((T, F))
+    h = L.SimpleRNN(4, return_sequences=True)(inp)
+    h = L.LSTM(4)(h)
+    model = keras.Model(inp, L.Dense(3, activation="softmax")(L.Dense(6)(h)))
+    x = _x()
+    result = kmt.convert(
+        model,
+        "mcu",
+        representative_data=x,
+        validation_data=x,
+        streaming=True,
+        verbose=0,
+    )
+    p = result.parity
+    assert p["step_float_max_abs_error"] < 1e-5
+    assert p["top1_agreement"] >= 0.9 and result.report["verified"]
+    assert p["tflm_float_max_abs_error"] <= 0.05
