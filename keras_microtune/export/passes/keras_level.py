@@ -3,8 +3,8 @@
 Each pass takes the `pipeline.Conversion` and returns what it did (None: not
 applicable). In order: `load`, `strip_pruning`, `merge_adapters`,
 `lower_recurrent`, `plan_preprocessing`, `plan_precision`, `lower_for_micro`,
-`trace`, `detect_qat`, `data_to_arrays`, `lowering_error`; for the trainable target `load`,
-`plan_training`, `data_to_arrays`.
+`trace`, `detect_qat`, `data_to_arrays`, `lowering_error`; for the
+trainable target `load`, `plan_training`, `data_to_arrays`.
 """
 
 from __future__ import annotations
