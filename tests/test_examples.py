@@ -27,6 +27,17 @@ def test_mcu_examples_end_in_a_verified_tflm_model(name, monkeypatch, tmp_path):
     assert {"model.tflite", "model_data.cc", "op_resolver.h", "main.cc"} <= files
 
 
+@pytest.mark.slow
+def test_tiny_transformer_example_is_full_int8(monkeypatch, tmp_path):
+    result, int8 = _load("tiny_transformer", monkeypatch).main(str(tmp_path / "t"))
+    # Not `verified`: TFLite Micro and LiteRT's reference kernels end up to 12
+    # int8 steps apart after the LayerNorms (tolerance 5); see the issue note.
+    assert result.fits and int8["runtime"] == "tflm"
+    assert result.parity["cosine"] > 0.99
+    assert "BATCH_MATMUL" in result.ops and "DEQUANTIZE" not in result.ops
+    assert "AddBatchMatMul()" in (tmp_path / "t" / "op_resolver.h").read_text()
+
+
 def test_tf_keras_example(monkeypatch, tmp_path):
     result, metrics = _load("tf_keras_tfmot", monkeypatch).main(str(tmp_path / "t"))
     assert result.report["conversion"]["quantization_aware_training"]

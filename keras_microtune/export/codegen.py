@@ -18,6 +18,10 @@ _RESOLVER_EXCEPTIONS = {
     "LSTM": "AddLSTM",
     "RELU_N1_TO_1": "AddReluN1To1",
     "RELU_0_TO_1": "AddRelu0To1",
+    # MicroMutableOpResolver spells these against the CamelCase rule.
+    "BATCH_MATMUL": "AddBatchMatMul",
+    "CUMSUM": "AddCumSum",
+    "PADV2": "AddPadV2",
 }
 
 

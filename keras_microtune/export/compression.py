@@ -37,6 +37,7 @@ _WEIGHT_OPS = {
 }
 _DCM_BYTES = 16  # Decode common metadata at the head of the ancillary data.
 _OVERHEAD_BYTES = 160  # Extra tensor, buffer and DECODE operator (measured).
+_NOT_SMALLER = "no smaller when compressed"
 
 
 class CompressionError(RuntimeError):
@@ -133,7 +134,7 @@ def plan(tflite: bytes, bits) -> tuple[list[dict], list[dict]]:
             entry["reason"] = f"{values} values per table, more than 2**{bits}"
             skipped.append(entry)
         elif best[0] >= entry["bytes_before"]:
-            entry["reason"] = "no smaller when compressed"
+            entry["reason"] = _NOT_SMALLER
             skipped.append(entry)
         else:
             entry.update(
@@ -225,6 +226,14 @@ def apply(
     if not chosen:
         if compression != "auto":
             worst = ", ".join(f"{e['op']} {e['shape']}: {e['reason']}" for e in skipped)
+            if skipped and all(e["reason"] == _NOT_SMALLER for e in skipped):
+                raise ValueError(
+                    f"compression={requested!r}: every weight tensor fits "
+                    f"{requested} but none would shrink ({worst}): a table per "
+                    "output channel costs more than the indices save on "
+                    "tensors this small. Use compression=None (or 'auto', "
+                    "which leaves such models alone)."
+                )
             raise ValueError(
                 f"compression={requested!r}: no weight tensor fits {requested} "
                 f"({worst or 'no int8 weights'}). Cluster the model first: "

@@ -113,9 +113,11 @@ PASSES = (
     keras_level.lower_recurrent,
     keras_level.plan_preprocessing,
     keras_level.plan_precision,
+    keras_level.lower_for_micro,
     keras_level.trace,
     keras_level.detect_qat,
     keras_level.data_to_arrays,
+    keras_level.lowering_error,
     # TFLite conversion (below).
     convert_to_tflite,
     # Flatbuffer passes (passes/flatbuffer.py): check and rewrite the .tflite.

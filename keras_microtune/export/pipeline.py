@@ -29,6 +29,8 @@ class Conversion:
         target: the `Target`.
         options: `convert`'s keyword arguments, checked.
         prep: the `preprocessing.Plan` (None: no leading preprocessing).
+        lowerings: `lowering.Lowering`s swapped in while tracing (TFLite
+            Micro targets: ops it cannot run in int8, rewritten).
         recurrent: the `lower_recurrent` rows (None: no recurrent layer);
             `trace_constants`: trace with weights as constants (fused LSTM).
         stream: the `streaming.StepModel` (`convert(streaming=True)`).
@@ -55,6 +57,7 @@ class Conversion:
     pruning_stripped: bool = False
     specs: list | None = None
     prep: object = None
+    lowerings: list = dataclasses.field(default_factory=list)
     recurrent: list | None = None
     stream: object = None
     trace_constants: bool = False

@@ -94,3 +94,62 @@ def test_auto_leaves_incompressible_models_alone(converted):
     x, plain, _ = converted
     _, info = plain.tflite, _tflite.parse(plain.tflite)
     assert "CUSTOM:TFLM_DECODE" not in info.ops
+
+
+def _residual_tcn(steps=128, channels=32):
+    """A dilated causal Conv1D TCN with residual blocks."""
+    inputs = keras.Input((steps, 4))
+    x = keras.layers.Conv1D(channels, 1)(inputs)
+    for rate in (1, 2, 4, 8):
+        y = keras.layers.Conv1D(
+            channels, 3, dilation_rate=rate, padding="causal", activation="relu"
+        )(x)
+        y = keras.layers.Conv1D(
+            channels, 3, dilation_rate=rate, padding="causal", activation="relu"
+        )(y)
+        x = keras.layers.Add()([x, y])
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    return keras.Model(inputs, keras.layers.Dense(3)(x), name="tcn")
+
+
+def _clustered(model):
+    clustered = kmt.optimize.cluster_weights(model, number_of_clusters=16)
+    return kmt.optimize.strip_clustering(clustered)
+
+
+def test_lut4_with_an_offline_memory_plan_converts():
+    # Issue 19: parity ran the uncompressed model in TFLite Micro with the
+    # arena of the compressed one, which the offline memory plan had made
+    # smaller: "TFLM failed to allocate tensors".
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(size=(8, 128, 4)).astype("float32")
+    model = _clustered(_residual_tcn())
+    result = kmt.convert(
+        model, "mcu", representative_data=x, compression="lut4", verbose=0
+    )
+    report = result.report["compression"]
+    assert result.report["memory"]["offline_plan"]
+    assert result.arena_bytes + 1024 < report["arena_bytes_without_compression"]
+    assert report["bit_exact"] and report["size_ratio"] < 0.9
+    assert result.parity["tflm_within_tolerance"]
+
+
+def test_lut_on_tensors_too_small_to_shrink_says_so():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    x = np.random.default_rng(0).normal(size=(8, 8)).astype("float32")
+    with pytest.raises(ValueError, match="every weight tensor fits lut4 but none"):
+        kmt.convert(model, "mcu", representative_data=x, compression="lut4")
+
+
+@pytest.mark.slow
+def test_lut4_on_clustered_vww_mobilenet_v1_converts():
+    from benchmarks import zoo
+
+    model, x = zoo.build("mobilenet_v1_0.25", samples=16)
+    result = kmt.convert(
+        _clustered(model), "mcu", representative_data=x, compression="lut4"
+    )
+    report = result.report["compression"]
+    assert report["bit_exact"] and report["size_ratio"] < 0.85
+    assert result.parity["tflm_within_tolerance"]

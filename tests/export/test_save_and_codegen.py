@@ -87,6 +87,10 @@ def test_resolver_method_names():
     assert codegen.resolver_method("FULLY_CONNECTED") == "AddFullyConnected"
     assert codegen.resolver_method("L2_NORMALIZATION") == "AddL2Normalization"
     assert codegen.resolver_method("MAX_POOL_2D") == "AddMaxPool2D"
+    # A transformer's attention (tests/export/test_lowering.py) needs these.
+    assert codegen.resolver_method("BATCH_MATMUL") == "AddBatchMatMul"
+    assert codegen.resolver_method("CUMSUM") == "AddCumSum"
+    assert codegen.resolver_method("PADV2") == "AddPadV2"
 
 
 def test_hostile_model_name_cannot_inject(mcu_results, tmp_path, cpp_compile):

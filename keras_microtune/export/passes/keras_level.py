@@ -2,19 +2,22 @@
 
 Each pass takes the `pipeline.Conversion` and returns what it did (None: not
 applicable). In order: `load`, `strip_pruning`, `merge_adapters`,
-`lower_recurrent`, `plan_preprocessing`, `plan_precision`,
-`trace`, `detect_qat`, `data_to_arrays`; for the trainable target `load`,
-`plan_training`, `data_to_arrays`.
+`lower_recurrent`, `plan_preprocessing`, `plan_precision`, `lower_for_micro`,
+`trace`, `detect_qat`, `data_to_arrays`, `lowering_error`; for the
+trainable target `load`, `plan_training`, `data_to_arrays`.
 """
 
 from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 from keras_microtune import data as kmt_data
-from keras_microtune.export import _model, preprocessing, recurrent
+from keras_microtune.export import _model, lowering, preprocessing, recurrent
 
 MAX_CALIBRATION = 1000  # Calibration samples the TFLite converter sees, at most.
+LOWERING_SAMPLES = 64  # Samples the lowered float model is checked on.
 _LOOP_OPS = {"While", "StatelessWhile"}
 
 
@@ -129,6 +132,19 @@ def plan_preprocessing(c):
     return {"preprocessing": list(c.prep.affine.layers), "folded": c.prep.folded}
 
 
+def lower_for_micro(c):
+    """TFLite Micro targets: layers whose TFLite ops TFLite Micro cannot run
+    in int8 (GELU, ELU/SELU/CELU, mish, ..., LayerNormalization's NEG) are
+    traced as ops it has (`lowering.plan`); activations without such a form
+    are refused here, naming the layer and a replacement."""
+    if not c.target.is_mcu:
+        return None
+    c.lowerings = lowering.plan(c.converted_model)
+    if not c.lowerings:
+        return None
+    return {"lowered": [low.record for low in c.lowerings]}
+
+
 def plan_precision(c):
     """`precision=...`: the layers to keep out of int8, checked against the
     kernels TFLite Micro has, before converting (`precision.resolve`)."""
@@ -151,12 +167,16 @@ def plan_precision(c):
 
 
 def trace(c):
-    """Trace the model to convert at batch 1; refuse loops the target cannot run."""
+    """Trace the model to convert at batch 1 (with `c.lowerings` swapped in);
+    refuse loops and unlowered activations the target cannot run."""
     if c.stream:  # One frame per call; the state is in variables.
         c.concrete = c.stream.function.get_concrete_function()
         return {"inputs": [list(c.stream.frame_shape)], "per_invoke": "frame"}
-    c.concrete = _model.trace(c.converted_model, c.specs, c.trace_constants)
-    check_loops(c.converted_model, c.concrete, c.target)
+    with lowering.applied(c.lowerings):
+        c.concrete = _model.trace(c.converted_model, c.specs, c.trace_constants)
+        check_loops(c.converted_model, c.concrete, c.target)
+        if c.target.is_mcu:
+            check_unlowered(c.converted_model, c.concrete, c.target)
     return {"inputs": [list(shape) for shape in c.shapes]}
 
 
@@ -187,6 +207,32 @@ def data_to_arrays(c):
     }
 
 
+def lowering_error(c):
+    """Verify `lower_for_micro` in float: the model's outputs with the lowered
+    forms against the model's own, on up to 64 validation (else calibration)
+    inputs; `report["lowering"]` gets the figures."""
+    if not c.lowerings:
+        return None
+    if c.rep is None:  # Only quantization-aware models get this far without.
+        layers = [low.record["layer"] for low in c.lowerings]
+        raise ValueError(
+            f"Layers {layers} are lowered to ops TFLite Micro runs in int8, and "
+            "the tensors between those ops have no quantization-aware ranges: "
+            "without `representative_data` they would stay float (DEQUANTIZE/"
+            "QUANTIZE around them). Pass `representative_data` (a few hundred "
+            "typical inputs) to calibrate them."
+        )
+    data = c.val if c.val is not None else c.rep
+    xs = c.transform([x[:LOWERING_SAMPLES] for x in data])
+    reference = _model.predict(c.converted_model, xs)
+    with lowering.applied(c.lowerings):
+        lowered = _model.predict(c.converted_model, xs)
+    error = max(float(np.max(np.abs(a - b))) for a, b in zip(reference, lowered))
+    did = {"samples": len(xs[0]), "outputs_max_abs_error": error}
+    c.report["lowering"] = {"layers": [low.record for low in c.lowerings], **did}
+    return did
+
+
 def calibration_samples(c) -> int:
     """Samples the TFLite converter calibrates on."""
     return 0 if c.rep is None else min(len(c.rep[0]), MAX_CALIBRATION)
@@ -209,6 +255,24 @@ def check_loops(model, concrete, target):
         "support it. Unroll recurrent layers (e.g. keras.layers.LSTM(..., "
         "unroll=True)) or use Conv1D layers; float targets ('float32') keep "
         "the loop."
+    )
+
+
+def check_unlowered(model, concrete, target):
+    """Refuse activations TFLite Micro cannot run in int8 that `lower_for_micro`
+    could not rewrite (in a Lambda or a custom layer's own code)."""
+    found = lowering.unlowered(_model.graph_op_types(concrete))
+    if not found:
+        return
+    layers = layers_with_ops(model, set(found))
+    what = sorted({name for name, _ in found.values()})
+    advice = "; ".join(sorted({f"for {name}: {tip}" for name, tip in found.values()}))
+    raise ValueError(
+        f"Layers {layers or ['unknown']} compute {what} (TensorFlow ops "
+        f"{sorted(found)}), which target {target.name!r} cannot run: TFLite "
+        f"Micro has no int8 kernel for the TFLite ops they become, and kmt "
+        f"rewrites them only where they are a layer's activation. Instead, "
+        f"{advice}."
     )
 
 
