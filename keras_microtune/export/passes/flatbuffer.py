@@ -79,9 +79,7 @@ def check_full_int8(c):
     if c.precision == "auto":  # "auto" takes float32 where TFLite Micro has it.
         asked = auto_float_layers(c.converted_model, rows)
     bad = [
-        r
-        for r in rows
-        if asked.get(r["layer"]) != "float32" and not r["data_movement"]
+        r for r in rows if asked.get(r["layer"]) != "float32" and not r["data_movement"]
     ]
     if bad:
         named = ", ".join(f"{r['layer']!r} ({r['op']})" for r in bad)
