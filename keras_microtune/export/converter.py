@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import re
 
+from keras_microtune.export import backend_bridge, pipeline, preprocessing
 from keras_microtune.export import compression as compression_lib
-from keras_microtune.export import pipeline, preprocessing
 from keras_microtune.export import targets as targets_lib
 from keras_microtune.export.passes import flatbuffer, keras_level, measurements
 from keras_microtune.export.result import (  # noqa: F401 - import paths kept
@@ -118,6 +118,11 @@ def convert(
         safe_mode: bool. Keras safe deserialization for model files.
         verbose: int. 1 shows a calibration progress bar; 0 is silent.
 
+    On the JAX or PyTorch Keras backend the model is saved to a temporary
+    `.keras` file and converted by a TensorFlow child process
+    (`export/backend_bridge.py`; TensorFlow must be installed): the same
+    bytes as a TensorFlow-backend process gets from the same weights.
+
     Returns:
         A `ConversionResult`. `report["passes"]` lists the passes of
         `PASSES` that applied, in order, with what each changed
@@ -140,10 +145,13 @@ def convert(
         "safe_mode": safe_mode,
         "verbose": verbose,
     }
-    c = pipeline.run(pipeline.Conversion(model, target, options), PASSES)
-    c.report["passes"] = c.passes
-    result = ConversionResult(c.tflite, c.report, str(c.name), timings=c.timings)
-    result._parsed = (c.tflite, c.info)
+    if backend_bridge.needed():  # JAX/PyTorch Keras: a TensorFlow child converts.
+        result = backend_bridge.convert_elsewhere(model, target, options)
+    else:
+        c = pipeline.run(pipeline.Conversion(model, target, options), PASSES)
+        c.report["passes"] = c.passes
+        result = ConversionResult(c.tflite, c.report, str(c.name), timings=c.timings)
+        result._parsed = (c.tflite, c.info)
     if output_dir is not None:
         result.save(output_dir, overwrite=overwrite)
     return result
