@@ -65,6 +65,15 @@ TABLES = (
         "points. Decoded weights live in the arena, so compression trades RAM "
         "for flash.",
     ),
+    (
+        "7",
+        "Backends: the same QAT microtuning on JAX and TensorFlow",
+        "backends",
+        "Step: median train-step time of the QAT fit after its first two "
+        "epochs (compilation left out), each backend in its own process, one "
+        "after the other on the same machine. JAX converts through a "
+        "TensorFlow child process, which its convert time includes.",
+    ),
 )
 _NOISE = (
     "fully_quantize:",

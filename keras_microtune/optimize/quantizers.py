@@ -27,8 +27,13 @@ ENABLED = "quant_enabled"
 RANGE_FROZEN = "range_frozen"
 
 
-def flag(layer, name, value):
-    """Add a float32 scalar run-time flag variable `name` (not trained) to `layer`."""
+def flag(layer, name, value, aggregation="none"):
+    """Add a float32 scalar run-time flag variable `name` (not trained) to `layer`.
+
+    `aggregation="mean"` for state each replica updates in its train step
+    (the activation ranges): under a tf.distribute strategy the replicas'
+    updates are averaged, so every replica and worker holds the same value.
+    """
     return layer.add_weight(
         name=name,
         shape=(),
@@ -36,6 +41,7 @@ def flag(layer, name, value):
         trainable=False,
         dtype="float32",
         autocast=False,
+        aggregation=aggregation,
     )
 
 
@@ -123,8 +129,10 @@ class ActivationQuantizer(keras.layers.Layer):
 
     def build(self, input_shape):
         low, high = self.fixed_range or (-6.0, 6.0)
-        self.range_min = flag(self, "range_min", low)
-        self.range_max = flag(self, "range_max", high)
+        # Each replica's EMA of its own batches, averaged over the replicas:
+        # MultiWorkerMirroredStrategy workers would otherwise drift apart.
+        self.range_min = flag(self, "range_min", low, aggregation="mean")
+        self.range_max = flag(self, "range_max", high, aggregation="mean")
         self.range_initialized = flag(self, "range_initialized", 0.0)
         self.enabled = flag(self, ENABLED, 1.0)
         self.frozen = flag(self, RANGE_FROZEN, 0.0)
