@@ -102,11 +102,16 @@ def require_compiled(model, callback_name):
 def multi_worker_strategy(model):
     """`model`'s tf.distribute.MultiWorkerMirroredStrategy over several
     workers, else None."""
-    strategy = getattr(model, "distribute_strategy", None)
-    if strategy is None or type(strategy).__name__ != "MultiWorkerMirroredStrategy":
+    strategy = getattr(model, "distribute_strategy", None)  # TensorFlow only.
+    if strategy is None:
         return None
-    spec = strategy.cluster_resolver.cluster_spec()
-    return strategy if spec.num_tasks("worker") + spec.num_tasks("chief") > 1 else None
+    import tensorflow as tf
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None
+    jobs = strategy.cluster_resolver.cluster_spec().as_dict()
+    workers = sum(len(jobs.get(job, ())) for job in ("chief", "worker"))
+    return strategy if workers > 1 else None
 
 
 def from_chief(strategy, values):
