@@ -44,6 +44,13 @@ def jax_qat(tmp_path_factory):
     return out, _run_on_jax(out, "--qat-convert", timeout=600)
 
 
+def test_qat_and_pruning_train_on_jax(tmp_path):
+    logs = _run_on_jax(tmp_path, "--quick", timeout=600)
+    assert logs["qat"]["quantization_enabled"] == [0.0, 1.0, 1.0, 1.0]
+    assert logs["pruning"]["pruning_step"] == [4.0, 8.0, 12.0]
+
+
+@pytest.mark.slow
 def test_jax_trained_qat_model_converts_to_the_tensorflow_bytes(jax_qat):
     out, logs = jax_qat
     assert logs["qat"]["quantization_enabled"] == [0.0, 1.0]
