@@ -84,6 +84,15 @@ TABLES = (
         "costs about what the Conv1D does; the unrolled GRU pays one graph step "
         "per time step in flash and arena.",
     ),
+    (
+        "9",
+        "Backends: the same QAT microtuning on JAX and TensorFlow",
+        "backends",
+        "Step: median train-step time of the QAT fit after its first two "
+        "epochs (compilation left out), each backend in its own process, one "
+        "after the other on the same machine. JAX converts through a "
+        "TensorFlow child process, which its convert time includes.",
+    ),
 )
 _NOISE = (
     "fully_quantize:",

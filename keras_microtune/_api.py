@@ -1,5 +1,7 @@
 """One decorator that registers a class as Keras-serializable under our package."""
 
+import contextlib
+
 import keras
 
 PACKAGE = "keras_microtune"
@@ -12,3 +14,13 @@ def serializable(cls):
 
 class KerasMicrotuneWarning(UserWarning):
     """Base class of the warnings keras_microtune emits."""
+
+
+def strategy_scope(model):
+    """The scope of `model`'s tf.distribute strategy; no scope on other backends.
+
+    New variables made for a model (an optimizer, a callback's variable, a
+    sub-model) belong under its strategy; only TensorFlow models have one.
+    """
+    strategy = getattr(model, "distribute_strategy", None)
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()

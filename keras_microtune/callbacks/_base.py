@@ -97,3 +97,32 @@ def require_compiled(model, callback_name):
             f"{callback_name} needs a compiled model: call `model.compile(...)` "
             "with an optimizer before `model.fit(...)`."
         )
+
+
+def multi_worker_strategy(model):
+    """`model`'s tf.distribute.MultiWorkerMirroredStrategy over several
+    workers, else None."""
+    strategy = getattr(model, "distribute_strategy", None)  # TensorFlow only.
+    if strategy is None:
+        return None
+    import tensorflow as tf
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None
+    jobs = strategy.cluster_resolver.cluster_spec().as_dict()
+    workers = sum(len(jobs.get(job, ())) for job in ("chief", "worker"))
+    return strategy if workers > 1 else None
+
+
+def from_chief(strategy, values):
+    """The chief's `values` (a list of floats) on every worker: an all-reduce
+    in which only the first replica (on the chief) contributes."""
+    import tensorflow as tf
+
+    mine = tf.constant(values, tf.float64)
+    zeros = tf.zeros_like(mine)
+    per_replica = strategy.experimental_distribute_values_from_function(
+        lambda context: mine if context.replica_id_in_sync_group == 0 else zeros
+    )
+    total = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+    return [float(v) for v in total.numpy()]

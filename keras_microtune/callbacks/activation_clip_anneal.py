@@ -2,6 +2,7 @@
 
 import keras
 
+from keras_microtune._api import strategy_scope
 from keras_microtune.callbacks._base import (
     check_number,
     retrace,
@@ -136,7 +137,7 @@ class ActivationClipAnneal(keras.callbacks.Callback):
 
     def _install(self):
         """Make the layers read their limit from a variable (one retrace)."""
-        with self.model.distribute_strategy.scope():
+        with strategy_scope(self.model):
             self._clip = keras.Variable(
                 float("inf"), dtype="float32", trainable=False, name="activation_clip"
             )

@@ -7,7 +7,11 @@ import warnings
 import keras
 
 from keras_microtune._api import KerasMicrotuneWarning
-from keras_microtune.callbacks._base import check_number
+from keras_microtune.callbacks._base import (
+    check_number,
+    from_chief,
+    multi_worker_strategy,
+)
 
 ON_EXCEED = ("warn", "stop")
 
@@ -29,7 +33,10 @@ class DeviceBudget(keras.callbacks.Callback):
     of a resumed run are never NaN. A model with pruning wrappers
     (`kmt.optimize.prune_low_magnitude`) is measured as deployed: `kmt.convert`
     converts a copy stripped with `kmt.optimize.strip`. The model may have been
-    built and compiled under a `tf.distribute` strategy.
+    built and compiled under a `tf.distribute` strategy. Under a
+    `MultiWorkerMirroredStrategy` only the chief converts (`result` is None
+    on the other workers); its figures reach every worker's `logs`, and
+    `on_exceed="stop"` stops them all.
 
     A conversion costs seconds (conversion, calibration and the arena search);
     `seconds` holds the total time spent, and `every` keeps it a small share
@@ -121,21 +128,26 @@ class DeviceBudget(keras.callbacks.Callback):
         resumed = self._first_epoch and epoch > 0
         self._first_epoch = False
         if resumed or (epoch + 1) % self.every == 0:
-            result = self._measure()
-            if not result.fits:
-                self._exceeded(epoch, result)
+            strategy = multi_worker_strategy(self.model)
+            if strategy is None or strategy.extended.should_checkpoint:
+                self._measure()  # Multi-worker: on the chief only.
+            if strategy is not None:  # Every worker logs (and stops) alike.
+                keys = list(self._last)
+                values = from_chief(strategy, [self._last[k] for k in keys])
+                self._last = dict(zip(keys, values))
+            if self._last["fits_target"] == 0.0:
+                self._exceeded(epoch)
         if logs is not None:
             logs.update(self._last)
 
-    def _exceeded(self, epoch, result):
+    def _exceeded(self, epoch):
         target = self.target
+        size, arena = int(self._last["int8_size_bytes"]), self._last["arena_bytes"]
         budget = []
         if target.flash_bytes is not None:
-            budget.append(
-                f"flatbuffer {result.size_bytes} of {target.flash_bytes} bytes flash"
-            )
-        if target.ram_bytes is not None and result.arena_bytes is not None:
-            budget.append(f"arena {result.arena_bytes} of {target.ram_bytes} bytes RAM")
+            budget.append(f"flatbuffer {size} of {target.flash_bytes} bytes flash")
+        if target.ram_bytes is not None and not math.isnan(arena):
+            budget.append(f"arena {int(arena)} of {target.ram_bytes} bytes RAM")
         action = (
             "Stopping training." if self.on_exceed == "stop" else "Training goes on."
         )

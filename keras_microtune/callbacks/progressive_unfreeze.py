@@ -2,6 +2,7 @@
 
 import keras
 
+from keras_microtune._api import strategy_scope
 from keras_microtune.callbacks._base import (
     base_optimizer,
     check_number,
@@ -184,13 +185,20 @@ class ProgressiveUnfreeze(keras.callbacks.Callback):
     # Optimizer ------------------------------------------------------------------
 
     def _rebuild_optimizer(self):
-        """A fresh optimizer over every variable that may become trainable."""
+        """A fresh optimizer over every variable that may become trainable.
+
+        On JAX over the trainable variables only: its stateless update takes
+        exactly the variables the optimizer was built with, so the optimizer
+        is rebuilt at each unfreeze (slots of variables it had are kept).
+        """
         model = self.model
         old = model.optimizer
         known = {id(v) for v in model.trainable_variables}
-        extra = [v for v in self._block_variables() if id(v) not in known]
-        extra = list({id(v): v for v in extra}.values())
-        with model.distribute_strategy.scope():
+        blocks = list({id(v): v for v in self._block_variables()}.values())
+        extra = [v for v in blocks if id(v) not in known]
+        if _exact_optimizer():
+            extra = []
+        with strategy_scope(model):
             new = old.__class__.from_config(old.get_config())
             new.build(model.trainable_variables + extra)
         if old.built:
@@ -200,7 +208,7 @@ class ProgressiveUnfreeze(keras.callbacks.Callback):
                 if source is not None:
                     variable.assign(source)
         if self.learning_rate_multiplier != 1.0:
-            self._scale_learning_rate(base_optimizer(new), extra)
+            self._scale_learning_rate(base_optimizer(new), blocks)
         model.optimizer = new
 
     def _scale_learning_rate(self, optimizer, variables):
@@ -249,8 +257,15 @@ class ProgressiveUnfreeze(keras.callbacks.Callback):
         for index, block in enumerate(self._block_layers):
             self._set_block(block, index < target)
         self._applied = target
+        if _exact_optimizer():
+            self._rebuild_optimizer()
         retrace(self.model)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["unfrozen_blocks"] = self._applied
+
+
+def _exact_optimizer():
+    """True where the optimizer must hold exactly the trainable variables."""
+    return keras.backend.backend() == "jax"

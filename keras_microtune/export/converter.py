@@ -12,10 +12,11 @@ from __future__ import annotations
 import os
 import re
 
+from keras_microtune.export import backend_bridge, pipeline, preprocessing
 from keras_microtune.export import compression as compression_lib
 from keras_microtune.export import patch_inference as patch_lib
-from keras_microtune.export import pipeline, preprocessing, streaming, trainable
 from keras_microtune.export import precision as precision_lib
+from keras_microtune.export import streaming, trainable
 from keras_microtune.export import targets as targets_lib
 from keras_microtune.export.passes import flatbuffer, keras_level, measurements
 from keras_microtune.export.result import (  # noqa: F401 - import paths kept
@@ -235,6 +236,11 @@ def convert(
     (see `keras_microtune.export.trainable`); `report["training"]` says what
     trains and how one step in LiteRT compared with Keras.
 
+    On the JAX or PyTorch Keras backend the model is saved to a temporary
+    `.keras` file and converted by a TensorFlow child process
+    (`export/backend_bridge.py`; TensorFlow must be installed): the same
+    bytes as a TensorFlow-backend process gets from the same weights.
+
     Returns:
         A `ConversionResult`. `report["passes"]` lists the passes of
         `PASSES` that applied, in order, with what each changed
@@ -267,11 +273,14 @@ def convert(
         "train_batch_size": trainable.check_batch_size(train_batch_size),
         "streaming": _check_streaming(streaming),
     }
-    passes = TRAINABLE_PASSES if target.trainable else PASSES
-    c = pipeline.run(pipeline.Conversion(model, target, options), passes)
-    c.report["passes"] = c.passes
-    result = ConversionResult(c.tflite, c.report, str(c.name), timings=c.timings)
-    result._parsed = (c.tflite, c.info)
+    if backend_bridge.needed():  # JAX/PyTorch Keras: a TensorFlow child converts.
+        result = backend_bridge.convert_elsewhere(model, target, options)
+    else:
+        passes = TRAINABLE_PASSES if target.trainable else PASSES
+        c = pipeline.run(pipeline.Conversion(model, target, options), passes)
+        c.report["passes"] = c.passes
+        result = ConversionResult(c.tflite, c.report, str(c.name), timings=c.timings)
+        result._parsed = (c.tflite, c.info)
     if output_dir is not None:
         result.save(output_dir, overwrite=overwrite)
     return result

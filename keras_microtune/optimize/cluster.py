@@ -155,7 +155,10 @@ class ClusterWeights(keras.layers.Layer):
                 initializer="zeros",
                 trainable=False,
             )
-            centroids.constraint = _FreezeConstraint(self.centroids_frozen, snapshot)
+            if graph.state_constraints_supported():  # On JAX: in `_centroids`.
+                centroids.constraint = _FreezeConstraint(
+                    self.centroids_frozen, snapshot
+                )
             self.centroids.append(centroids)
             self._snapshots.append(snapshot)
             self.assignments.append(
@@ -184,13 +187,18 @@ class ClusterWeights(keras.layers.Layer):
             self._snapshots[i].assign(centroids)
             self.assignments[i].assign(labels.astype("int32"))
 
+    def _centroids(self, i):
+        """Centroids `i` as the model uses them: the snapshot while frozen."""
+        frozen = self.centroids_frozen.value > 0.5
+        return ops.where(frozen, self._snapshots[i].value, self.centroids[i].value)
+
     def _view(self, i, kernel):
         return ops.reshape(kernel, self.assignments[i].shape)
 
     def clustered_kernel(self, i, kernel=None):
         """Kernel `i` as `centroids[assignments]`, in the kernel's shape."""
         kernel = graph.kernels(self.layer)[i] if kernel is None else kernel
-        flat = ops.reshape(self.centroids[i], (-1,))
+        flat = ops.reshape(self._centroids(i), (-1,))
         index = self.assignments[i] + self._offsets[i]
         return ops.reshape(ops.take(flat, index), kernel.shape)
 
@@ -203,17 +211,23 @@ class ClusterWeights(keras.layers.Layer):
         due = ops.logical_or(due, force)
         for i, kernel in enumerate(graph.kernels(self.layer)):
             view = self._view(i, ops.convert_to_tensor(kernel))
-            tables = ops.take(self.centroids[i], self._tables_of[i], axis=0)  # (C, k)
+            tables = ops.take(self._centroids(i), self._tables_of[i], axis=0)  # (C,k)
             distance = ops.abs(ops.expand_dims(view, -1) - tables[None])
             nearest = ops.cast(ops.argmin(distance, axis=-1), "int32")
-            self.assignments[i].assign(ops.where(due, nearest, self.assignments[i]))
+            self.assignments[i].assign(
+                ops.where(due, nearest, self.assignments[i].value)
+            )
 
     def call(self, inputs, training=None, **kwargs):
         if training:
             self.update_assignments(force=False)
             self.cluster_step.assign_add(1.0)
-        mapping = []
-        for i, kernel in enumerate(graph.kernels(self.layer)):
+        kernels = graph.kernels(self.layer)
+        # The layer's other variables keep their current values in the scope
+        # (on JAX an unmapped variable would read its purged storage).
+        others = [v for v in self.layer.variables if all(v is not k for k in kernels)]
+        mapping = [(v, v.value) for v in others]
+        for i, kernel in enumerate(kernels):
             value = self.clustered_kernel(i, kernel)
             if training:  # Straight-through: the latent weights learn too.
                 latent = ops.convert_to_tensor(kernel)
@@ -225,7 +239,7 @@ class ClusterWeights(keras.layers.Layer):
             outputs = self.layer(inputs, **kwargs)
         for variable in self.layer.non_trainable_variables:  # e.g. BatchNorm.
             value = scope.get_current_value(variable)
-            if value is not None and all(variable is not k for k, _ in mapping):
+            if value is not None and all(variable is not k for k in kernels):
                 variable.assign(value)
         return outputs
 
@@ -374,9 +388,13 @@ def freeze_centroids(model, frozen=True):
     """Keep (or release) the centroids at their current values."""
     wrappers = cluster_wrappers(model)
     for wrapper in wrappers:
-        if frozen:
-            for centroids, snapshot in zip(wrapper.centroids, wrapper._snapshots):
-                snapshot.assign(centroids)
+        was_frozen = float(ops.convert_to_numpy(wrapper.centroids_frozen)) > 0.5
+        for centroids, snapshot in zip(wrapper.centroids, wrapper._snapshots):
+            # Copies (NumPy): on JAX two variables must not share one buffer.
+            if frozen and not was_frozen:
+                snapshot.assign(ops.convert_to_numpy(centroids))
+            elif not frozen and was_frozen:  # Resume from the frozen values.
+                centroids.assign(ops.convert_to_numpy(snapshot))
         wrapper.centroids_frozen.assign(float(bool(frozen)))
     return len(wrappers)
 

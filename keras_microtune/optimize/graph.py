@@ -105,8 +105,25 @@ def kernels(layer):
     return [v for v in layer.weights if "kernel" in v.name and len(v.shape) >= 2]
 
 
+def state_constraints_supported():
+    """True where a constraint may read other (non-trainable) variables.
+
+    Keras' JAX trainer keeps the model state outside the variables during
+    `fit` (`_purge_model_variables` sets their values to None) and runs the
+    optimizer, and so `variable.constraint`, over the trainable variables
+    only. A constraint reading a mask or a flag variable then reads None.
+    On JAX the wrappers apply masks and flags in `call` instead (the values
+    the model computes with are the same; the stored latent values may
+    differ where masked), and `strip` applies them to the stored weights.
+    """
+    return keras.backend.backend() != "jax"
+
+
 class MaskConstraint:
-    """Multiply a kernel by its 0/1 mask after any original constraint."""
+    """Multiply a kernel by its 0/1 mask after any original constraint.
+
+    Not used on JAX (see `state_constraints_supported`).
+    """
 
     def __init__(self, mask, constraint=None):
         self.mask = mask

@@ -74,9 +74,11 @@ class PruneLowMagnitude(keras.layers.Layer):
             for i, v in enumerate(graph.kernels(self.layer))
         ]
         # Optimizers apply `variable.constraint` after each update: masking
-        # there keeps pruned weights at zero between steps, not just in call.
-        for kernel, mask in zip(graph.kernels(self.layer), self.masks):
-            kernel.constraint = graph.MaskConstraint(mask, kernel.constraint)
+        # there keeps pruned weights at zero between steps, not just in call
+        # (on JAX only in call: see `graph.state_constraints_supported`).
+        if graph.state_constraints_supported():
+            for kernel, mask in zip(graph.kernels(self.layer), self.masks):
+                kernel.constraint = graph.MaskConstraint(mask, kernel.constraint)
 
     def sparsity_at(self, step):
         step = ops.cast(step, "float32")
@@ -117,7 +119,10 @@ class PruneLowMagnitude(keras.layers.Layer):
         due = ops.logical_or(due, force)
         sparsity = self.sparsity_at(step)
         for kernel, mask in zip(graph.kernels(self.layer), self.masks):
-            mask.assign(ops.where(due, self._new_mask(kernel, sparsity), mask))
+            # The masked kernel: a pruned weight stays pruned (on JAX the
+            # stored kernel is not masked between steps).
+            new = self._new_mask(kernel * mask, sparsity)
+            mask.assign(ops.where(due, new, mask.value))
         self.apply_masks()
 
     def apply_masks(self):
@@ -262,9 +267,15 @@ def update_pruning_masks(model, step=None):
 
 def pruning_summary(model):
     """`{kernel path: fraction of zeros}` for every kernel of `model`."""
+    masks = {}
+    for layer in graph.walk(model):
+        if isinstance(layer, PruneLowMagnitude):
+            masks.update(zip(map(id, graph.kernels(layer.layer)), layer.masks))
     summary = {}
     for variable in model.weights:
         if "kernel" in variable.name and len(variable.shape) >= 2:
             values = ops.convert_to_numpy(variable)
+            if id(variable) in masks:  # What the model computes with.
+                values = values * ops.convert_to_numpy(masks[id(variable)])
             summary[variable.path] = float((values == 0).mean())
     return summary

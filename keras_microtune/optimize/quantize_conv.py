@@ -20,7 +20,7 @@ import keras
 from keras import ops
 
 from keras_microtune._api import serializable
-from keras_microtune.optimize.graph import MaskConstraint
+from keras_microtune.optimize.graph import MaskConstraint, state_constraints_supported
 from keras_microtune.optimize.quantizers import (
     ActivationQuantizer,
     flag,
@@ -149,7 +149,8 @@ class QuantizeConv(keras.layers.Layer):
                 # variable W takes the constraint, `call` masks the sum.
                 if getattr(self.layer, "lora_enabled", False):
                     kernel = self.layer._kernel
-                kernel.constraint = MaskConstraint(mask, kernel.constraint)
+                if state_constraints_supported():  # On JAX `call` alone masks.
+                    kernel.constraint = MaskConstraint(mask, kernel.constraint)
         self.output_quantizer.build(out_shape)
         if self.intermediate_quantizer is not None:
             self.intermediate_quantizer.build(None)
@@ -178,8 +179,10 @@ class QuantizeConv(keras.layers.Layer):
         y = ops.depthwise_conv(x, dw, strides, padding, dilation_rate=dilation)
         if self.kind == "depthwise":
             return y
-        if quantize:
-            y = self.intermediate_quantizer(y, training=self._training)
+        if quantize:  # Its range follows only while QAT is on (see `call`).
+            y = self.intermediate_quantizer(
+                y, training=self._training, update_when=self.output_quantizer.enabled
+            )
         pw = quantize_weights(kernels[1], -1) if quantize else kernels[1]
         return ops.conv(y, pw, 1, "valid")
 
@@ -228,26 +231,34 @@ class QuantizeConv(keras.layers.Layer):
             kernels = self._fold(kernels, scale)
 
         def quantized():
-            return self._finish(self._apply(x, kernels, quantize=True) + shift, True)
+            return self._activate(self._apply(x, kernels, quantize=True) + shift)
 
         def dequantized():
             if float_out is not None:
-                return self._finish(float_out, False)
-            return self._finish(self._apply(x, kernels, quantize=False) + shift, False)
+                return self._activate(float_out)
+            return self._activate(self._apply(x, kernels, quantize=False) + shift)
 
-        if training:
-            out = ops.cond(self.output_quantizer.enabled > 0.5, quantized, dequantized)
-        else:
+        if not training:
             out = quantized()
+        elif keras.backend.backend() == "jax":
+            # JAX cannot update variables (the intermediate range) inside a
+            # conditional branch: both run, the flag selects.
+            out = ops.where(
+                self.output_quantizer.enabled > 0.5, quantized(), dequantized()
+            )
+        else:
+            out = ops.cond(self.output_quantizer.enabled > 0.5, quantized, dequantized)
+        # Outside the branches: the output range updates once per step.
+        out = self.output_quantizer(out, training=self._training)
+        out = out if self._act_fn is None else self._act_fn(out)
         return ops.squeeze(out, 2) if self._one_d else out
 
-    def _finish(self, y, quantize):
+    def _activate(self, y):
         if self._act_name is not None:
             y = ops.relu(y) if self._act_name == "relu" else y
             if self._act_name == "relu6":
                 y = ops.relu6(y)
-        y = self.output_quantizer(y, training=self._training)
-        return y if self._act_fn is None else self._act_fn(y)
+        return y
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)

@@ -27,8 +27,13 @@ ENABLED = "quant_enabled"
 RANGE_FROZEN = "range_frozen"
 
 
-def flag(layer, name, value):
-    """Add a float32 scalar run-time flag variable `name` (not trained) to `layer`."""
+def flag(layer, name, value, aggregation="none"):
+    """Add a float32 scalar run-time flag variable `name` (not trained) to `layer`.
+
+    `aggregation="mean"` for state each replica updates in its train step
+    (the activation ranges): under a tf.distribute strategy the replicas'
+    updates are averaged, so every replica and worker holds the same value.
+    """
     return layer.add_weight(
         name=name,
         shape=(),
@@ -36,6 +41,7 @@ def flag(layer, name, value):
         trainable=False,
         dtype="float32",
         autocast=False,
+        aggregation=aggregation,
     )
 
 
@@ -82,6 +88,14 @@ class ActivationQuantizer(keras.layers.Layer):
             no moving average is kept. Defaults to `None`.
         num_bits: int. Bit width. Defaults to `8`.
 
+    Call arguments:
+        inputs: the activations.
+        training: bool. Update the range (and follow the `quant_enabled`
+            flag) when True.
+        update_when: optional 0/1 scalar tensor; while 0 the range is kept
+            (a wrapper's own enabled flag, so the range need not be updated
+            inside a conditional branch, which JAX does not allow).
+
     Example:
 
     >>> import numpy as np
@@ -115,28 +129,32 @@ class ActivationQuantizer(keras.layers.Layer):
 
     def build(self, input_shape):
         low, high = self.fixed_range or (-6.0, 6.0)
-        self.range_min = flag(self, "range_min", low)
-        self.range_max = flag(self, "range_max", high)
+        # Each replica's EMA of its own batches, averaged over the replicas:
+        # MultiWorkerMirroredStrategy workers would otherwise drift apart.
+        self.range_min = flag(self, "range_min", low, aggregation="mean")
+        self.range_max = flag(self, "range_max", high, aggregation="mean")
         self.range_initialized = flag(self, "range_initialized", 0.0)
         self.enabled = flag(self, ENABLED, 1.0)
         self.frozen = flag(self, RANGE_FROZEN, 0.0)
 
-    def _update_range(self, x):
+    def _update_range(self, x, update_when=None):
         batch_min = ops.minimum(ops.min(x), 0.0)
         batch_max = ops.maximum(ops.max(x), 0.0)
         d = self.ema_decay
-        init = self.range_initialized
-        keep = self.frozen
+        init = self.range_initialized.value
+        keep = self.frozen.value
+        if update_when is not None:  # A 0/1 flag: keep the range while 0.
+            keep = ops.maximum(keep, 1.0 - ops.cast(update_when, "float32"))
         for var, batch in ((self.range_min, batch_min), (self.range_max, batch_max)):
             ema = d * var + (1.0 - d) * batch
             new = init * ema + (1.0 - init) * batch
             var.assign(keep * var + (1.0 - keep) * ops.stop_gradient(new))
         self.range_initialized.assign(ops.maximum(init, 1.0 - keep))
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None, update_when=None):
         x = ops.cast(inputs, "float32")
         if training and self.fixed_range is None:
-            self._update_range(x)
+            self._update_range(x, update_when)
         low = ops.minimum(self.range_min, 0.0)
         high = ops.maximum(self.range_max, low + 1e-6)
 

@@ -48,11 +48,12 @@ error. `evaluate` and `predict` always run the whole model.
 """
 
 import logging
+import sys
 
 import keras
 import numpy as np
 
-from keras_microtune._api import serializable
+from keras_microtune._api import serializable, strategy_scope
 from keras_microtune.training import feature_data
 from keras_microtune.training.prefix_plan import plan_prefix
 
@@ -82,13 +83,12 @@ def _unpack(x):
 
 def _is_arrays(x):
     """True for NumPy arrays, dense tensors, and lists/dicts/tuples of them."""
-    import tensorflow as tf
-
+    tf = sys.modules.get("tensorflow")  # Only TensorFlow's can be sparse/ragged.
     leaves = keras.tree.flatten(x)
     if not leaves:
         return False
     for leaf in leaves:
-        if isinstance(leaf, (tf.SparseTensor, tf.RaggedTensor)):
+        if tf is not None and isinstance(leaf, (tf.SparseTensor, tf.RaggedTensor)):
             return False
         if not (hasattr(leaf, "shape") and hasattr(leaf, "__array__")):
             return False
@@ -170,6 +170,12 @@ class PrefixCacheModel(keras.Model):
                 )
             return suffix(_unpack(args[0]), *args[1:], **kwargs)
         return super().__call__(*args, **kwargs)
+
+    def call(self, inputs, training=None, mask=None, **kwargs):
+        # JAX's trainer calls `call` (through `stateless_call`), not `__call__`.
+        if _is_features(inputs) and self._prefix_cache.suffix is not None:
+            return self._prefix_cache.suffix(_unpack(inputs), training=training)
+        return super().call(inputs, training=training, mask=mask, **kwargs)
 
     def get_config(self):
         return {
@@ -289,7 +295,7 @@ class PrefixCacheModel(keras.Model):
         """
         key = tuple(id(t) for t in plan.cut)
         cut = plan.cut if len(plan.cut) > 1 else plan.cut[0]
-        with self.distribute_strategy.scope():
+        with strategy_scope(self):
             prefix = keras.Model(self.input, cut, name=f"{self.name}_prefix")
             if self._prefix_cache.key != key:
                 self._prefix_cache.suffix = keras.Model(

@@ -1,0 +1,113 @@
+"""Microtuning under tf.distribute.MultiWorkerMirroredStrategy: two local
+worker processes on loopback ports (`multiworker_script.py`), bounded in
+time. The workers must end with identical weights, see the same schedules
+and convert on the chief only. (The script trains with `fit`'s loop written
+out: Keras 3.15's `model.fit` fails under this strategy, see its docstring.)"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "tests", "backends", "multiworker_script.py")
+TIMEOUT = 600
+
+pytestmark = pytest.mark.slow
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _start(out):
+    """Start both workers."""
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    procs = []
+    for index in range(2):
+        config = {
+            "cluster": {"worker": workers},
+            "task": {"type": "worker", "index": index},
+        }
+        env = {**os.environ, "TF_CONFIG": json.dumps(config), "PYTHONPATH": ROOT}
+        env.update(KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+        command = [sys.executable, SCRIPT, str(out)]
+        log = open(os.path.join(out, f"worker{index}.log"), "w")
+        procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=log))
+    return procs
+
+
+def _log(out, index):
+    with open(os.path.join(out, f"worker{index}.log")) as f:
+        return f.read()[-3000:]
+
+
+def _wait(procs, out, deadline):
+    try:
+        for p in procs:
+            p.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"worker {i} exit {p.returncode}:\n{_log(out, i)}"
+
+
+def _results(out):
+    reports, weights = [], []
+    for index in range(2):
+        with open(os.path.join(out, f"worker{index}.json")) as f:
+            reports.append(json.load(f))
+        with np.load(os.path.join(out, f"worker{index}.npz")) as f:
+            weights.append({k: f[k] for k in f.files})
+    return reports, weights
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("multiworker")
+    _wait(_start(out), out, time.monotonic() + TIMEOUT)
+    return _results(out)
+
+
+SCHEDULED = ("learning_rate", "quantization_enabled", "ranges_frozen")
+
+
+def test_workers_end_with_identical_weights_and_schedules(run):
+    reports, weights = run
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        np.testing.assert_array_equal(weights[0][key], weights[1][key], err_msg=key)
+    chief, other = reports
+    assert [e["epoch"] for e in chief["qat"]] == [0, 1, 2, 3]
+    for name in SCHEDULED + ("int8_size_bytes", "arena_bytes", "fits_target"):
+        assert [e[name] for e in chief["qat"]] == [e[name] for e in other["qat"]]
+    assert [e["quantization_enabled"] for e in chief["qat"]] == [0, 1, 1, 1]
+    assert [e["ranges_frozen"] for e in chief["qat"]] == [0, 0, 0, 1]
+    # 64 samples, global batch 16: 4 steps an epoch on both workers.
+    steps = [e["pruning_step"] for e in chief["pruning"]]
+    assert steps == [e["pruning_step"] for e in other["pruning"]] == [4.0, 8.0]
+    assert [e["sparsity"] for e in chief["pruning"]] == [
+        e["sparsity"] for e in other["pruning"]
+    ]
+
+
+def test_device_budget_converts_on_the_chief_only(run):
+    reports, _ = run
+    assert reports[0]["is_chief"] and not reports[1]["is_chief"]
+    assert reports[0]["converted"] and not reports[1]["converted"]
+    sizes = [e["int8_size_bytes"] for e in reports[1]["qat"]]
+    assert np.isnan(sizes[0]) and sizes[1] > 0 and sizes[3] > 0
