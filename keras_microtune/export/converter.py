@@ -12,11 +12,16 @@ from __future__ import annotations
 import os
 import re
 
-from keras_microtune.export import backend_bridge, pipeline, preprocessing
+from keras_microtune.export import (
+    backend_bridge,
+    pipeline,
+    preprocessing,
+    streaming,
+    trainable,
+)
 from keras_microtune.export import compression as compression_lib
 from keras_microtune.export import patch_inference as patch_lib
 from keras_microtune.export import precision as precision_lib
-from keras_microtune.export import streaming, trainable
 from keras_microtune.export import targets as targets_lib
 from keras_microtune.export.passes import flatbuffer, keras_level, measurements
 from keras_microtune.export.result import (  # noqa: F401 - import paths kept
