@@ -37,6 +37,7 @@ def _exists(module):
     return os.path.exists(os.path.join(ROOT, "benchmarks", f"{module}.py"))
 
 
+@pytest.mark.slow  # A benchmark's tiny run; `make bench` runs it in full.
 def test_conversion_table():
     out = _run("benchmarks.conversion", "--tiny")
     assert "| model | flatbuffer ours / plain (B) |" in out
@@ -81,6 +82,7 @@ def test_only_replaces_the_named_tables_in_an_existing_file():
 
 
 @pytest.mark.skipif(not _exists("quantization"), reason="not written yet")
+@pytest.mark.slow  # A benchmark's tiny run; `make bench` runs it in full.
 def test_quantization_table():
     out = _run("benchmarks.quantization", "--tiny")
     for name in ("float", "PTQ int8", "ours QAT int8", "tfmot QAT int8"):
