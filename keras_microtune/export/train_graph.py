@@ -154,20 +154,26 @@ def _sqrt(op, grad):
     return grad * 0.5 / op.outputs[0]
 
 
-def _max_pool(op, grad):
-    """Windows equal to their stride: the gradient goes to the window's
-    maxima, as a mask over the input reshaped into windows."""
-    import tensorflow as tf
-
+def _pool_window(op, kind, what):
+    """The NHWC pooling window of `op`, refused unless it equals the stride."""
     _check_nhwc(op)
     ksize = list(op.get_attr("ksize"))
     strides = list(op.get_attr("strides"))
     if ksize != strides or ksize[0] != 1 or ksize[3] != 1:
         raise UnsupportedGradientError(
-            f"MaxPool {op.name!r}: a trainable export differentiates max pooling "
+            f"{kind} {op.name!r}: a trainable export differentiates {what} "
             f"whose window equals its stride; received ksize={ksize}, "
             f"strides={strides}. Train only layers after it, or use such pooling."
         )
+    return ksize
+
+
+def _max_pool(op, grad):
+    """Windows equal to their stride: the gradient goes to the window's
+    maxima, as a mask over the input reshaped into windows."""
+    import tensorflow as tf
+
+    ksize = _pool_window(op, "MaxPool", "max pooling")
     x, y = op.inputs[0], op.outputs[0]
     b, h, w, c = _static_shape(x, "MaxPool")
     _, oh, ow, _ = _static_shape(y, "MaxPool")
@@ -199,15 +205,7 @@ def _avg_pool(op, grad):
     import numpy as np
     import tensorflow as tf
 
-    _check_nhwc(op)
-    ksize = list(op.get_attr("ksize"))
-    strides = list(op.get_attr("strides"))
-    if ksize != strides or ksize[0] != 1 or ksize[3] != 1:
-        raise UnsupportedGradientError(
-            f"AvgPool {op.name!r}: a trainable export differentiates average "
-            f"pooling whose window equals its stride; received ksize={ksize}, "
-            f"strides={strides}. Train only layers after it, or use such pooling."
-        )
+    ksize = _pool_window(op, "AvgPool", "average pooling")
     x = op.inputs[0]
     b, h, w, c = _static_shape(x, "AvgPool")
     _, oh, ow, _ = _static_shape(op.outputs[0], "AvgPool")
