@@ -42,6 +42,14 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path) -> str:
+    """Lay out, write and close `fig`; the path written."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def training_curves(history: dict, path: str) -> str:
     """Loss and metrics per epoch, with scheduled values in a lower panel."""
     plt = _pyplot()
@@ -72,10 +80,7 @@ def training_curves(history: dict, path: str) -> str:
         bottom.legend(fontsize=8)
         bottom.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("epoch")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def confusion_matrices(matrices: dict, path: str, labels=None) -> str:
@@ -96,10 +101,7 @@ def confusion_matrices(matrices: dict, path: str, labels=None) -> str:
         ax.set_title(f"{title}: accuracy {accuracy:.3f}")
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def memory_over_ops(live_bytes, op_names, arena_bytes, path) -> str:
@@ -114,10 +116,7 @@ def memory_over_ops(live_bytes, op_names, arena_bytes, path) -> str:
     ax.set_ylabel("KiB")
     ax.set_title("Memory over the op sequence")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def memory_before_after(before, after, path) -> str:
@@ -145,10 +144,7 @@ def memory_before_after(before, after, path) -> str:
         ax.set_title(f"Memory over the op sequence, {title}", fontsize=9)
         ax.legend(fontsize=8)
     axes[-1].set_xlabel("op index")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def flash_breakdown(rows, path) -> str:
@@ -167,10 +163,7 @@ def flash_breakdown(rows, path) -> str:
     ax.set_xlabel("KiB")
     ax.set_title(f"Flash: {left.sum() / 1024:.1f} KiB by layer")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def layer_errors(rows, path) -> str:
@@ -186,7 +179,4 @@ def layer_errors(rows, path) -> str:
     ax.axvline(20, color="#888888", ls="--", lw=1)
     ax.set_xlabel("SQNR vs float (dB, higher is better; red: below 20 dB)")
     ax.set_title("Per-layer error, worst first")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
