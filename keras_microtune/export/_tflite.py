@@ -35,8 +35,13 @@ _TYPES = {
     18: ("bfloat16", 2),
 }
 # Metadata entries `strip` keeps: TFLite Micro's offline memory plan and
-# keras_microtune's description of the raw input (`input_metadata`).
-_KEEP_METADATA = ("OfflineMemoryAllocation", "keras_microtune.input")
+# keras_microtune's description of the raw input (`input_metadata`) and of a
+# streaming model (`stream_metadata`).
+_KEEP_METADATA = (
+    "OfflineMemoryAllocation",
+    "keras_microtune.input",
+    "keras_microtune.streaming",
+)
 # No tensor of a model keras_microtune handles may declare more bytes than this:
 # a hostile file's shapes cannot make anything allocate gigabytes.
 MAX_TENSOR_BYTES = 1 << 30

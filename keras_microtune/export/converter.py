@@ -50,12 +50,13 @@ def convert_to_tflite(c):
                 "(whole sequences); quantization-aware training alone is not "
                 "supported for streaming."
             )
-        c.tflite = streaming.convert(c.stream, rep, c.target)
+        c.tflite = streaming.convert(c.stream, c.concrete, rep, c.target)
         return {
             "quantization": c.target.quantization,
-            "calibration_sequences": min(len(rep[0]), streaming.max_sequences(c.stream))
-            if rep is not None
-            else 0,
+            "calibration_sequences": 0
+            if rep is None
+            else len(streaming.calibration_sequences(c.stream, len(rep[0]))),
+            "form": c.stream.form,
             "resource_variables": c.stream.describe()["state_variables"],
         }
     c.tflite = _tflite_convert(
@@ -137,6 +138,7 @@ PASSES = (
     flatbuffer.compress,
     flatbuffer.memory_plan,
     flatbuffer.input_metadata,
+    flatbuffer.streaming_metadata,
     # Measurements (passes/measurements.py): run it, assemble the report.
     measurements.arena,
     measurements.precision_costs,
@@ -225,12 +227,17 @@ def convert(
             patch to cut the arena (`report["patch_inference"]`; README
             "Patch-based inference"). Defaults to `None`.
         streaming: bool. Convert a recurrent model (LSTM/GRU/SimpleRNN) to
-            a one-step model: input one frame `(1, features)` per invoke,
-            each layer's state kept in TFLite resource variables
-            (VAR_HANDLE/READ_VARIABLE/ASSIGN_VARIABLE; zero again after
-            `MicroInterpreter::Reset()`). After frame `t` the output is the
+            a one-step model: input one frame `(1, features)` per invoke, the
+            state kept between invokes and zeroed by
+            `MicroInterpreter::Reset()` (call it at each sequence start).
+            Forward LSTMs keep it inside the fused int8
+            UNIDIRECTIONAL_SEQUENCE_LSTM (h int8, c int16; `form "fused"`);
+            other layers in TFLite resource variables, re-quantized to int8
+            each frame (`"variables"`). After frame `t` the output is the
             full model's for frames `0..t`. Data are whole sequences, as for
-            the model; parity compares per frame (`report["parity"]`). See
+            the model; parity compares per frame (`report["parity"]`), and
+            the file says it streams (`report["streaming"]`, read back by
+            `kmt.evaluate` and `kmt.inspect`). See
             `keras_microtune.export.streaming`. Defaults to `False`.
         train_batch_size: int or None. Target `"mobile-trainable"` only: the
             batch its `train` signature takes. Defaults to 16.

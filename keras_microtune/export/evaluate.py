@@ -9,7 +9,12 @@ import keras
 import numpy as np
 
 from keras_microtune import data
-from keras_microtune.export import _model, input_metadata, preprocessing
+from keras_microtune.export import (
+    _model,
+    input_metadata,
+    preprocessing,
+    stream_metadata,
+)
 
 RUNTIMES = ("tflm", "litert", "keras")
 CLASSIFIER_METRICS = ("accuracy", "precision", "recall", "confusion_matrix")
@@ -49,6 +54,59 @@ def _load_model(model_or_tflite):
         with open(path, "rb") as f:
             return "tflite", f.read()
     return "keras", _model.load(model_or_tflite)[0]
+
+
+# Ops that keep state from one invoke to the next.
+_STATEFUL_OPS = {"VAR_HANDLE", "UNIDIRECTIONAL_SEQUENCE_LSTM"}
+
+
+def _streaming(model_or_tflite, tflite):
+    """`report["streaming"]` of a streaming model (`convert(streaming=True)`),
+    from the ConversionResult or the file's metadata; None otherwise."""
+    report = getattr(model_or_tflite, "report", None) or {}
+    return report.get("streaming") or stream_metadata.read(tflite)
+
+
+def _sequences_error(tflite, shapes, error):
+    """A shape error for a model that keeps state but does not say it
+    streams (no `keras_microtune.streaming` entry): name the way out."""
+    from keras_microtune.export import _tflite
+
+    stateful = _STATEFUL_OPS & set(_tflite.parse(tflite).ops)
+    if not stateful:
+        return error
+    return ValueError(
+        f"{error} The model holds {sorted(stateful)}, which keep state between "
+        f"invokes, and takes inputs of shape {shapes[0]}: if it is a streaming "
+        "model (one frame per invoke), this file does not say so (it has no "
+        f"{stream_metadata.NAME!r} metadata). Evaluate the ConversionResult of "
+        "kmt.convert(..., streaming=True), or convert the model again so the "
+        "file carries the entry; evaluate then feeds whole sequences frame by "
+        "frame."
+    )
+
+
+def _predict_stream(tflite, sequences, runtime, verbose, stream):
+    """Each sequence fed one frame per invoke from a zero state: the outputs
+    after the last frame `(N, ...)`, or after every frame `(N, T, ...)`."""
+    from keras_microtune.export import runtimes
+
+    ins, outs = runtimes.io_details(tflite)
+    q = runtimes.quantize(sequences, ins[0])
+    n = len(q)
+    bar = keras.utils.Progbar(n, unit_name="sequence") if verbose else None
+    chunks, size = [], max(1, CHUNK // max(1, q.shape[1]))
+    for start in range(0, n, size):
+        part = q[start : start + size]
+        if runtime == "tflm":
+            raw = runtimes.tflm_run(tflite, [part], EVAL_ARENA_BYTES, frames=True)[0]
+        else:
+            raw = runtimes.litert_stream(tflite, part)
+        chunks.append(runtimes.dequantize(raw, outs[0]))
+        if bar is not None:
+            bar.update(min(n, start + size))
+    steps = np.concatenate(chunks)
+    return steps if stream["sequence_output"] else steps[:, -1]
 
 
 def _predict_tflite(tflite, xs, runtime, verbose, input_quantizer=None):
@@ -147,10 +205,18 @@ def evaluate(model_or_tflite, x, y=None, runtime=None, metrics=None, verbose=0):
         verbose: int. 1 shows a progress bar. Defaults to `0`.
 
     Returns:
-        dict of metric name -> value, plus `runtime` and `samples`.
+        dict of metric name -> value, plus `runtime` and `samples`. A
+        streaming model (`convert(..., streaming=True)`, known from the
+        ConversionResult or the file's `keras_microtune.streaming` metadata)
+        takes whole sequences in `x`: each is fed one frame per invoke from a
+        reset state and scored by the output after its last frame (after
+        every frame, with per-frame labels `(N, timesteps)`, when the model
+        outputs per frame); `frames_per_sample` is added.
 
     Raises:
-        ValueError: bad arguments, or a `.tflite` whose `keras_microtune.input`
+        ValueError: bad arguments (frames for a streaming model, whole
+            sequences for a stateful one-frame model whose file does not say
+            it streams), or a `.tflite` whose `keras_microtune.input`
             metadata has a version this keras_microtune does not read (it
             would feed raw values wrongly; the message says what to do).
 
@@ -181,14 +247,23 @@ def evaluate(model_or_tflite, x, y=None, runtime=None, metrics=None, verbose=0):
             "runtime='keras' needs a Keras model; use runtime='tflm' or 'litert' "
             "for a .tflite model."
         )
+    stream = None
     if kind == "keras":
         shapes = [shape for shape, _ in _model.input_specs(model)]
     else:
         from keras_microtune.export import runtimes
 
         quantizer = _input_quantizer(model_or_tflite, model)  # Before the data.
-        shapes = [tuple(d["shape"][1:]) for d in runtimes.io_details(model)[0]]
-    xs, y_from_x = data.as_arrays(x, shapes, what="x")
+        shapes = [
+            tuple(int(n) for n in d["shape"][1:]) for d in runtimes.io_details(model)[0]
+        ]
+        stream = _streaming(model_or_tflite, model)
+    try:
+        xs, y_from_x = _arrays(x, shapes, stream)
+    except ValueError as e:
+        if kind == "keras" or stream is not None:
+            raise
+        raise _sequences_error(model, shapes, e) from None
     y = y_from_x if y is None else np.asarray(y)
     if y is None:
         raise ValueError("evaluate() needs labels: pass `y`, or `x` as an (x, y) pair.")
@@ -198,9 +273,21 @@ def evaluate(model_or_tflite, x, y=None, runtime=None, metrics=None, verbose=0):
         )
     if kind == "keras":
         outputs = _model.predict(model, xs)[0]
+    elif stream is not None:
+        outputs = _predict_stream(model, xs[0], runtime, verbose, stream)
     else:
         outputs = _predict_tflite(model, xs, runtime, verbose, quantizer)
     outputs = outputs.astype("float32")
+    sequences = len(y)
+    if stream is not None and stream["sequence_output"]:
+        # One output per frame: frame-level metrics, `y` per frame `(N, T)`.
+        if y.shape[:2] != outputs.shape[:2]:
+            raise ValueError(
+                "This streaming model outputs after every frame, so `y` needs a "
+                f"label per frame, shape {outputs.shape[:2]}; received {y.shape}."
+            )
+        outputs = outputs.reshape(-1, *outputs.shape[2:])
+        y = y.reshape(-1, *y.shape[2:])
     if _is_classification(y, outputs):
         result, names = _classifier_metrics(y, outputs), CLASSIFIER_METRICS
     else:
@@ -216,4 +303,28 @@ def evaluate(model_or_tflite, x, y=None, runtime=None, metrics=None, verbose=0):
                 f"{list(names)}."
             )
         result = {k: result[k] for k in metrics}
-    return {**result, "runtime": runtime, "samples": int(len(y))}
+    out = {**result, "runtime": runtime, "samples": int(sequences)}
+    if stream is not None:
+        out["frames_per_sample"] = int(stream["timesteps"])
+    return out
+
+
+def _arrays(x, shapes, stream):
+    """`x` as arrays for the model's inputs: whole sequences `(timesteps,
+    *frame)` for a streaming model, which refuses frames."""
+    if stream is None:
+        return data.as_arrays(x, shapes, what="x")
+    sequence = (int(stream["timesteps"]), *stream["frame_shape"])
+    shape = tuple(getattr(x, "shape", ()))
+    try:
+        if len(shape) == len(sequence) and shape[1:] == sequence[1:]:
+            raise ValueError(f"`x` holds single frames, shape {shape}.")
+        return data.as_arrays(x, [sequence], what="x")
+    except ValueError as e:
+        raise ValueError(
+            f"{e} This is a streaming model (kmt.convert(..., streaming=True)): "
+            f"evaluate takes whole sequences, shape (N, {', '.join(map(str, sequence))}"
+            "), and feeds each one frame per invoke from a reset state, as the "
+            "device does. Pass the sequences the Keras model takes, not single "
+            "frames."
+        ) from None

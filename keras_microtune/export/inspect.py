@@ -6,7 +6,13 @@ import os
 import warnings
 
 from keras_microtune._api import KerasMicrotuneWarning
-from keras_microtune.export import _tflite, input_metadata, pipeline, runtimes
+from keras_microtune.export import (
+    _tflite,
+    input_metadata,
+    pipeline,
+    runtimes,
+    stream_metadata,
+)
 from keras_microtune.export import targets as targets_lib
 from keras_microtune.export._tflite import InvalidModelError
 from keras_microtune.export.passes import measurements
@@ -49,7 +55,11 @@ def inspect(path_or_bytes, target: str | targets_lib.Target | None = None):
         A `ConversionResult` whose `parity` is None. A model written by
         `convert` with a folded Rescaling/Normalization carries how raw values
         are fed (its `keras_microtune.input` metadata): it is in
-        `report["input"]`, and `result.quantize_input` applies it.
+        `report["input"]`, and `result.quantize_input` applies it. A
+        streaming model (`convert(..., streaming=True)`) says so in its
+        `keras_microtune.streaming` metadata: `report["streaming"]` gives the
+        frame shape, sequence length, where the state lives and the
+        `Reset()` rule (the arena is one invoke's: one frame).
 
     Raises:
         InvalidModelError: (a ValueError) the data is empty, truncated,
@@ -68,6 +78,7 @@ def inspect(path_or_bytes, target: str | targets_lib.Target | None = None):
         io = [info.tensors[t].dtype for t in info.inputs + info.outputs]
         target = "mcu" if io and all(d == "int8" for d in io) else "float32"
     feed = _input(data, info)  # Before measuring: a bad entry fails fast.
+    stream = stream_metadata.read(data)
     c = pipeline.Conversion(data, targets_lib.get(target), name=name)
     c.set_tflite(data, info)
     try:
@@ -82,6 +93,8 @@ def inspect(path_or_bytes, target: str | targets_lib.Target | None = None):
     result._parsed = (data, info)
     if feed is not None:
         result.report["input"] = feed
+    if stream is not None:
+        result.report["streaming"] = stream
     return result
 
 

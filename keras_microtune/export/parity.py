@@ -171,4 +171,10 @@ def measure_stream(
     out["tflm_within_tolerance"] = bool(diff <= TFLM_TOLERANCE_STEPS)
     tflm = comparable(runtimes.dequantize(tflm_raw, outs[0]))
     out["tflm_float_max_abs_error"] = float(np.abs(tflm - expected[: len(small)]).max())
+    if FLOAT_VERIFIED_OPS & set(info.ops):  # The fused form: as `measure` does.
+        out.update(
+            _against_float(
+                tflite, info, expected, [comparable(tflm_raw)], [comparable(ref_raw)]
+            )
+        )
     return out

@@ -82,7 +82,12 @@ def dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
     return y.astype("float32")
 
 
-def litert_run(tflite: bytes, inputs: list[np.ndarray], reference: bool = False):
+def litert_run(
+    tflite: bytes,
+    inputs: list[np.ndarray],
+    reference: bool = False,
+    carry_state: bool = False,
+):
     """Run each sample (batch 1) in LiteRT; return raw outputs per output tensor.
 
     Args:
@@ -90,6 +95,10 @@ def litert_run(tflite: bytes, inputs: list[np.ndarray], reference: bool = False)
         inputs: list of arrays `(N, ...)` already in the input tensors' dtypes.
         reference: bool. Use LiteRT's reference kernels (bit-exact with TFLite
             Micro) instead of the optimized ones (XNNPACK).
+        carry_state: bool. Keep variable tensors (a fused LSTM's h and c,
+            resource variables) from one sample to the next, as a streaming
+            model needs; by default they are zeroed before each sample, as
+            `tflm_run` resets TFLite Micro. Defaults to `False`.
     """
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
@@ -104,6 +113,8 @@ def litert_run(tflite: bytes, inputs: list[np.ndarray], reference: bool = False)
     ins, outs = interp.get_input_details(), interp.get_output_details()
     results = [[] for _ in outs]
     for s in range(len(inputs[0])):
+        if not carry_state:
+            interp.reset_all_variables()
         for detail, x in zip(ins, inputs):
             sample = x[s : s + 1]
             if tuple(detail["shape"]) != sample.shape:
@@ -123,7 +134,7 @@ def litert_stream(tflite: bytes, sequences: np.ndarray, reference: bool = False)
     out = []
     for sequence in sequences:
         # One "sample" per frame through one interpreter: the state carries.
-        out.append(litert_run(tflite, [sequence], reference)[0][None])
+        out.append(litert_run(tflite, [sequence], reference, carry_state=True)[0][None])
     return np.concatenate(out)
 
 

@@ -1,14 +1,24 @@
 """Streaming conversion: a recurrent model as a one-frame-per-invoke model.
 
 `kmt.convert(model, ..., streaming=True)` converts `StepModel(model)`: the
-same layers and weights, fed one frame `(1, features)` per invoke, with each
-recurrent layer's state (`h`, and `c` for an LSTM) in a TFLite resource
-variable (VAR_HANDLE / READ_VARIABLE / ASSIGN_VARIABLE; the state is zero
-after `MicroInterpreter::Reset()`, and initialised once by CALL_ONCE). After
+same layers and weights, fed one frame `(1, features)` per invoke. After
 frame `t` the output is what the full-sequence model gives for the frames
 `0..t`: per step for a `return_sequences=True` output, the final output once
-the last frame is in otherwise. The state stays float32 in the variables
-(DEQUANTIZE/QUANTIZE around them); the maths is int8.
+the last frame is in otherwise. Firmware calls `MicroInterpreter::Reset()`
+at the start of each sequence, which zeroes the state. The state lives in
+one of two forms (`StepModel.form`):
+
+- `"fused"` (every recurrent layer a forward LSTM that `recurrent.fusable`
+  accepts): the model with a one-step time axis, each LSTM the fused int8
+  `UNIDIRECTIONAL_SEQUENCE_LSTM`. The op keeps `h` (int8) and `c` (int16) in
+  its variable tensors, which persist from one invoke to the next: exactly
+  the full-sequence kernel's arithmetic, one step per invoke.
+- `"variables"` (GRU, SimpleRNN, or LSTMs the fused op cannot compute): each
+  layer's cell, one step, with its state in TFLite resource variables
+  (VAR_HANDLE / READ_VARIABLE / ASSIGN_VARIABLE, initialised by CALL_ONCE).
+  The variables hold float32, but each frame the state is re-quantized to
+  int8 on entering the int8 cell (QUANTIZE after READ_VARIABLE), so it is
+  carried at 8 bits, the LSTM cell state included.
 
 Layers before and between recurrent layers must act on each frame alone
 (Dense, activations, normalisation over the last axis, TimeDistributed,
@@ -20,6 +30,13 @@ refused.
 from __future__ import annotations
 
 import numpy as np
+
+FORMS = ("fused", "variables")
+STATE = {
+    "fused": "UNIDIRECTIONAL_SEQUENCE_LSTM variable tensors (h int8, c int16)",
+    "variables": "resource variables (float32 storage, re-quantized to int8 "
+    "each frame)",
+}
 
 # Layers that map each frame independently, so they run on one frame as well.
 _PER_FRAME = (
@@ -75,6 +92,8 @@ class StepModel:
         frame_shape: `(features,)`. timesteps: the model's sequence length.
         layers: one row per recurrent layer: `{"layer", "type", "states"}`.
         sequence_output: True when the model's output keeps the time axis.
+        form: `"fused"` or `"variables"`: where the converted model keeps
+            the state (see the module docstring).
     """
 
     def __init__(self, model):
@@ -93,7 +112,7 @@ class StepModel:
         self.model = graph.as_functional(model)
         self.timesteps = self.model.inputs[0].shape[1]
         self.frame_shape = tuple(self.model.inputs[0].shape[2:])
-        self.layers, self._states = [], _States()
+        self.layers, self._states, self._recurrent_layers = [], _States(), []
         self._framed = set()  # ids of the clone's tensors that still have time
         frame = keras.Input(batch_shape=(1, *self.frame_shape), name="frame")
         self._framed.add(id(frame))
@@ -110,7 +129,11 @@ class StepModel:
             )
         outputs = self.step_model.outputs
         self.sequence_output = id(outputs[0]) in self._framed
+        self.form = (
+            "fused" if all(map(_fusable, self._recurrent_layers)) else ("variables")
+        )
         self._values = [(v, np.asarray(v)) for v in self.model.variables]
+        self._lowered = None
         self.function = tf.function(
             self._step,
             input_signature=[tf.TensorSpec((1, *self.frame_shape), tf.float32)],
@@ -178,6 +201,7 @@ class StepModel:
             for i, size in enumerate(sizes)
         ]
         self._states.variables += states
+        self._recurrent_layers.append(layer)
         self.layers.append(
             {"layer": layer.name, "type": type(layer).__name__, "states": len(states)}
         )
@@ -190,6 +214,33 @@ class StepModel:
         mapping = [(v, tf.constant(value)) for v, value in self._values]
         with keras.StatelessScope(state_mapping=mapping):
             return self.step_model(frame, training=False)
+
+    def fused_model(self):
+        """The `"fused"` form as a Keras model: input one frame `(1,
+        features)`, the model's layers on a one-step time axis (an LSTM then
+        lowers to the fused op, whose state persists between invokes), the
+        output without the time axis."""
+        import keras
+
+        one_step = keras.models.clone_model(
+            self.model,
+            input_tensors=keras.Input(batch_shape=(1, 1, *self.frame_shape)),
+            clone_function=lambda layer: layer,
+        )
+        frame = keras.Input(batch_shape=(1, *self.frame_shape), name="frame")
+        out = one_step(keras.ops.expand_dims(frame, 1))
+        if self.sequence_output:
+            out = keras.ops.squeeze(out, 1)
+        return keras.Model(frame, out, name=f"{self.model.name}_step")
+
+    def lowered(self):
+        """`(model, rows)`: `fused_model()` with each LSTM replaced by the
+        fused op's interface (`recurrent.lower`; computed once)."""
+        from keras_microtune.export import recurrent
+
+        if self._lowered is None:
+            self._lowered = recurrent.lower(self.fused_model())
+        return self._lowered
 
     def reset(self):
         """Zero the recurrent state (what `MicroInterpreter::Reset()` does)."""
@@ -219,9 +270,22 @@ class StepModel:
             "layers": self.layers,
             "frame_shape": list(self.frame_shape),
             "timesteps": self.timesteps,
-            "state_variables": len(self._states.variables),
+            "state_tensors": len(self._states.variables),
+            "state_variables": len(self._states.variables)
+            if self.form == "variables"
+            else 0,
             "sequence_output": self.sequence_output,
+            "form": self.form,
+            "state": STATE[self.form],
         }
+
+
+def _fusable(layer) -> bool:
+    from keras_microtune.export import recurrent
+
+    return (
+        type(layer).__name__ == "LSTM" and not layer.unroll and recurrent.fusable(layer)
+    )
 
 
 def _step_layer_class():
@@ -255,31 +319,53 @@ def _StepRecurrent(layer, states):  # noqa: N802 - builds the layer class lazily
     return _step_layer_class()(layer, states)
 
 
-MAX_CALIBRATION_FRAMES = 1000
+# Frames the converter calibrates on, at most: whole sequences, picked evenly
+# over the data (the first ones alone may all be one class, whose ranges
+# then clip the others; seen on BasicMotions).
+MAX_CALIBRATION_FRAMES = 10_000
 
 
-def max_sequences(step: StepModel) -> int:
-    """Calibration sequences used: about `MAX_CALIBRATION_FRAMES` frames."""
-    return max(1, MAX_CALIBRATION_FRAMES // max(1, step.timesteps))
+def calibration_sequences(step: StepModel, n: int) -> np.ndarray:
+    """Indices of the `n` representative sequences calibration feeds."""
+    k = min(n, max(1, MAX_CALIBRATION_FRAMES // max(1, step.timesteps)))
+    return np.unique(np.linspace(0, n - 1, k).round().astype("int64"))
 
 
-def convert(step: StepModel, rep, target, verbose=0) -> bytes:
-    """The step model -> a `.tflite` with resource variables for the state.
+def trace(step: StepModel):
+    """The concrete function TFLite converts: the `"fused"` form traced with
+    its weights as constants (`recurrent` explains why), else the step
+    function on the state variables."""
+    from keras_microtune.export import _model
 
-    Calibration feeds each representative sequence frame by frame.
+    if step.form == "variables":
+        return step.function.get_concrete_function()
+    model, _ = step.lowered()
+    return _model.trace(model, [(step.frame_shape, "float32")], constants=True)
+
+
+def convert(step: StepModel, concrete, rep, target) -> bytes:
+    """The step model (`concrete`, from `trace`) -> a `.tflite`.
+
+    Calibration feeds the representative sequences (`calibration_sequences`)
+    frame by frame, in order: the converter's calibrator invokes one
+    interpreter throughout, so the state carries from frame to frame as on
+    the device (and from one sequence's end into the next's start, which it
+    cannot reset; the ranges are those of the same states).
     """
     import tensorflow as tf
 
-    module = step.module()
-    conv = tf.lite.TFLiteConverter.from_concrete_functions(
-        [step.function.get_concrete_function()], module
-    )
-    conv.experimental_enable_resource_variables = True
+    if step.form == "fused":
+        conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], tf.Module())
+    else:
+        conv = tf.lite.TFLiteConverter.from_concrete_functions(
+            [concrete], step.module()
+        )
+        conv.experimental_enable_resource_variables = True
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if target.quantization == "int8":
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        sequences = rep[0][: max_sequences(step)]
+        sequences = rep[0][calibration_sequences(step, len(rep[0]))]
 
         def frames():
             for sequence in sequences:

@@ -100,6 +100,19 @@ def test_lstm_stack_lowers_to_fused_lstm_in_tflite_micro(converted):
     assert result.report["verified"], result.parity
 
 
+def test_litert_runs_each_sample_from_a_zero_lstm_state(converted):
+    # The fused op keeps h and c in variable tensors, which persist between
+    # invokes: parity must zero them per sample, as TFLite Micro's Reset().
+    _, result = converted["lstm_stack"]
+    ins, _ = runtimes.io_details(result.tflite)
+    q = runtimes.quantize(_x(2, seed=3), ins[0])
+    both = runtimes.litert_run(result.tflite, [q])[0]
+    alone = runtimes.litert_run(result.tflite, [q[1:]])[0]
+    carried = runtimes.litert_run(result.tflite, [q], carry_state=True)[0]
+    assert np.array_equal(both[1], alone[0])
+    assert not np.array_equal(carried[1], alone[0])
+
+
 def test_gru_stack_is_unrolled_into_tflite_micro_ops(converted):
     model, result = converted["gru_stack"]
     assert set(result.ops) <= UNROLLED_OPS, result.ops

@@ -47,6 +47,7 @@ def test_streaming_model_keeps_state_in_resource_variables(streamed):
     described = rows["lower_recurrent"]["streaming"]
     assert [r["layer"] for r in described["layers"]] == ["lstm", "gru"]
     assert described["state_variables"] == 3  # LSTM h, c; GRU h.
+    assert described["form"] == "variables"  # No fused GRU kernel.
     assert rows["convert_to_tflite"]["resource_variables"] == 3
 
 
@@ -91,6 +92,99 @@ def test_streaming_state_really_carries_between_invokes(streamed):
             frames=True,
         )[0][0, 0],
     )
+
+
+def lstm_model():
+    """An LSTM with an output per frame: the fused streaming form."""
+    inp = keras.Input((T, F))
+    h = L.LSTM(4, return_sequences=True, name="lstm")(inp)
+    out = L.TimeDistributed(L.Dense(3, activation="softmax"))(h)
+    return keras.Model(inp, out, name="lstm_per_frame")
+
+
+@pytest.fixture(scope="module")
+def fused():
+    """The LSTM converted with streaming=True and as a whole-sequence model."""
+    keras.utils.set_random_seed(8)
+    model, x = lstm_model(), _x()
+    stream = kmt.convert(model, "mcu", representative_data=x, streaming=True, verbose=0)
+    whole = kmt.convert(model, "mcu", representative_data=x, verbose=0)
+    return model, stream, whole
+
+
+def _stream_outputs(result, x):
+    ins, outs = runtimes.io_details(result.tflite)
+    raw = runtimes.tflm_run(
+        result.tflite, [runtimes.quantize(x, ins[0])], result.arena_bytes, frames=True
+    )[0]
+    return raw, runtimes.dequantize(raw, outs[0]), outs[0]["quantization"][0]
+
+
+def test_streaming_lstm_keeps_its_state_inside_the_fused_op(fused):
+    _, result, _ = fused
+    assert "UNIDIRECTIONAL_SEQUENCE_LSTM" in result.ops
+    assert not STATE_OPS & set(result.ops)  # No resource variables.
+    ins, _ = runtimes.io_details(result.tflite)
+    assert tuple(ins[0]["shape"]) == (1, F)
+    rows = {p["name"]: p for p in result.report["passes"]}
+    assert rows["lower_recurrent"]["streaming"]["form"] == "fused"
+    assert rows["lower_recurrent"]["layers"][0]["lowering"] == "fused"
+    assert rows["convert_to_tflite"]["resource_variables"] == 0
+    assert result.report["streaming"]["timesteps"] == T
+    assert "Reset()" in result.report["streaming"]["reset"]
+    p = result.parity
+    assert p["tflm_reference"] == "float" and result.report["verified"], p
+
+
+def test_streaming_lstm_steps_equal_the_whole_sequence_model(fused):
+    # The target: after each frame, the streamed int8 output is the
+    # whole-sequence model's output for that step, within the int8 tolerance.
+    model, stream, whole = fused
+    x = _x(8, seed=9)
+    _, got, step = _stream_outputs(stream, x)
+    ins, outs = runtimes.io_details(whole.tflite)
+    raw = runtimes.tflm_run(
+        whole.tflite, [runtimes.quantize(x, ins[0])], whole.arena_bytes
+    )[0]
+    want = runtimes.dequantize(raw, outs[0])
+    assert got.shape == want.shape == (8, T, 3)
+    tolerance = 5 * max(step, outs[0]["quantization"][0])
+    assert np.abs(got - want).max() <= tolerance, np.abs(got - want).max()
+    assert np.abs(got - np.asarray(model(x))).max() <= 3 * tolerance
+
+
+def test_evaluate_feeds_a_streaming_model_frame_by_frame(fused):
+    _, result, _ = fused
+    x = _x(6, seed=10)
+    raw, got, _ = _stream_outputs(result, x)
+    y = got.argmax(-1)  # Labels the streamed model gets right by definition,
+    y[:, ::2] = (y[:, ::2] + 1) % 3  # then half of them made wrong.
+    want = float(np.mean(got.argmax(-1) == y))
+    for runtime in ("tflm", "litert"):
+        metrics = kmt.evaluate(result, x, y, runtime=runtime)
+        assert metrics["accuracy"] == pytest.approx(want)
+        assert metrics["samples"] == 6 and metrics["frames_per_sample"] == T
+    # The file alone says it streams (its metadata), as inspect reports.
+    assert kmt.evaluate(result.tflite, x, y)["accuracy"] == pytest.approx(want)
+    inspected = kmt.inspect(result.tflite)
+    assert inspected.report["streaming"] == result.report["streaming"]
+    assert inspected.arena_bytes == result.arena_bytes
+
+
+def test_evaluate_refuses_frames_and_unlabelled_streams(fused):
+    model, result, _ = fused
+    x = _x(4, seed=11)
+    with pytest.raises(ValueError, match=r"single frames.*evaluate takes whole"):
+        kmt.evaluate(result, x[:, 0], np.zeros(4, "int64"))
+    with pytest.raises(ValueError, match=r"label per frame, shape \(4, 8\)"):
+        kmt.evaluate(result, x, np.zeros(4, "int64"))
+    # A streaming graph converted without the metadata entry: sequences are
+    # refused with the way out instead of being fed as if stateless.
+    step = streaming.StepModel(model)
+    target = kmt.targets.get("mcu")
+    bare = streaming.convert(step, streaming.trace(step), [_x()], target)
+    with pytest.raises(ValueError, match=r"keep state between invokes.*streaming"):
+        kmt.evaluate(bare, x, np.zeros((4, T), "int64"))
 
 
 def test_streaming_files_register_the_variable_ops(streamed, tmp_path):

@@ -6,7 +6,7 @@ applicable). A pass that rewrites the model sets `c.tflite` (or calls
 records `bytes_before` / `bytes_after`. In order: `check_mcu_ops`,
 `check_softmax_scale`, `check_full_int8`, (`measurements.layer_errors`),
 `auto_precision`, `patch_inference`, `strip`, `compress`, `memory_plan`,
-`input_metadata`.
+`input_metadata`, `streaming_metadata`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from keras_microtune.export import compression as compression_lib
 from keras_microtune.export import input_metadata as input_metadata_lib
 from keras_microtune.export import memory_plan as memory_plan_lib
 from keras_microtune.export import patch_inference as patch_lib
+from keras_microtune.export import stream_metadata as stream_metadata_lib
 
 # Ops that must never reach a microcontroller model.
 MCU_FORBIDDEN = {
@@ -309,6 +310,20 @@ def input_metadata(c):
     return {
         "entry": input_metadata_lib.NAME,
         "version": input_metadata_lib.VERSION,
+        "added_bytes": len(c.tflite) - before,
+    }
+
+
+def streaming_metadata(c):
+    """`streaming=True`: say so in the file (`stream_metadata`), so that
+    `kmt.evaluate` and `kmt.inspect` treat it as one frame per invoke."""
+    if c.stream is None:
+        return None
+    before = len(c.tflite)
+    c.tflite = stream_metadata_lib.write(c.tflite, c.stream.describe())
+    c.report["streaming"] = stream_metadata_lib.read(c.tflite)
+    return {
+        "entry": stream_metadata_lib.NAME,
         "added_bytes": len(c.tflite) - before,
     }
 

@@ -14,7 +14,13 @@ import functools
 import numpy as np
 
 from keras_microtune import data as kmt_data
-from keras_microtune.export import _model, lowering, preprocessing, recurrent
+from keras_microtune.export import (
+    _model,
+    lowering,
+    preprocessing,
+    recurrent,
+    streaming,
+)
 
 MAX_CALIBRATION = 1000  # Calibration samples the TFLite converter sees, at most.
 LOWERING_SAMPLES = 64  # Samples the lowered float model is checked on.
@@ -97,7 +103,6 @@ def lower_recurrent(c):
     graph (`recurrent.lower`). Float targets keep the loop."""
     import keras
 
-    from keras_microtune.export import streaming
     from keras_microtune.optimize import graph
 
     keras_graph = isinstance(c.source, keras.Model) and graph.is_graph_model(c.source)
@@ -108,7 +113,10 @@ def lower_recurrent(c):
                 f"Received: {type(c.source).__name__}."
             )
         c.stream = streaming.StepModel(c.source)
-        return {"streaming": c.stream.describe()}
+        did = {"streaming": c.stream.describe()}
+        if c.stream.form == "fused":  # The LSTMs lower to the fused op.
+            c.recurrent = did["layers"] = c.stream.lowered()[1]
+        return did
     if c.target.quantization != "int8" and not c.target.is_mcu:
         return None
     if not keras_graph:
@@ -169,9 +177,14 @@ def plan_precision(c):
 def trace(c):
     """Trace the model to convert at batch 1 (with `c.lowerings` swapped in);
     refuse loops and unlowered activations the target cannot run."""
-    if c.stream:  # One frame per call; the state is in variables.
-        c.concrete = c.stream.function.get_concrete_function()
-        return {"inputs": [list(c.stream.frame_shape)], "per_invoke": "frame"}
+    if c.stream:  # One frame per call; the state persists between calls.
+        c.concrete = streaming.trace(c.stream)
+        check_loops(c.source, c.concrete, c.target)
+        return {
+            "inputs": [list(c.stream.frame_shape)],
+            "per_invoke": "frame",
+            "form": c.stream.form,
+        }
     with lowering.applied(c.lowerings):
         c.concrete = _model.trace(c.converted_model, c.specs, c.trace_constants)
         check_loops(c.converted_model, c.concrete, c.target)

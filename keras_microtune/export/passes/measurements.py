@@ -32,14 +32,15 @@ def layer_errors(c):
     """int8 targets: each Keras layer's converted output against the float
     model's on validation data (else calibration data), worst first
     (`layer_errors.measure`). Runs before `strip`, which drops the tensor
-    names that tie tensors to layers."""
+    names that tie tensors to layers. Not for a streaming model: its data
+    are sequences, its graph one frame (`parity` compares it per frame)."""
     import keras
 
     from keras_microtune.optimize import graph
 
     model = c.converted_model
     x_eval = c.val if c.val is not None else c.rep
-    if c.target.quantization != "int8" or x_eval is None:
+    if c.target.quantization != "int8" or x_eval is None or c.stream:
         return None
     if not isinstance(model, keras.Model) or not graph.is_graph_model(model):
         return None  # tf_keras, subclassed models, SavedModels: no Keras 3 graph.
