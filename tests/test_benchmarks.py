@@ -122,13 +122,15 @@ def test_callbacks_overhead_table():
 @pytest.mark.slow
 def test_sequence_table():
     out = _run("benchmarks.sequence", "--tiny")
-    for name in ("lstm |", "lstm streaming", "gru", "conv1d"):
+    for name in ("lstm |", "lstm streaming", "gru |", "gru streaming", "conv1d"):
         (row,) = _table_rows(out, name)
         assert row.count("|") == 9, row
     (lstm,) = _table_rows(out, "lstm |")
     assert "| fused |" in lstm
-    (gru,) = _table_rows(out, "gru")
+    (gru,) = _table_rows(out, "gru |")
     assert "| unrolled |" in gru
+    (streamed,) = _table_rows(out, "lstm streaming")
+    assert "state in the fused op" in streamed
 
 
 @pytest.mark.slow
