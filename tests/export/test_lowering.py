@@ -11,7 +11,14 @@ import pytest
 from keras import ops
 
 import keras_microtune as kmt
-from keras_microtune.export import lowered_forms, lowering
+from keras_microtune.export import (
+    _tflite,
+    kernel_parity,
+    lowered_forms,
+    lowering,
+    parity,
+    runtimes,
+)
 
 # TFLite ops that must not be left in a TFLite Micro int8 model.
 FLOAT_OR_MISSING = {"GELU", "ELU", "EXP", "LOG", "SELECT", "DEQUANTIZE", "QUANTIZE"}
@@ -195,11 +202,16 @@ def test_rms_group_and_unit_normalization_run_int8_in_tflite_micro():
     }
 
 
-def test_untrained_transformer_converts_full_int8_for_tflite_micro():
+@pytest.fixture(scope="module")
+def transformer():
     keras.utils.set_random_seed(0)
     model = tiny_transformer((16, 6), 4)
     x = np.random.default_rng(0).normal(0, 1, (64, 16, 6)).astype("float32")
-    result = kmt.convert(model, "mcu", representative_data=x, verbose=0)
+    return model, x, kmt.convert(model, "mcu", representative_data=x, verbose=0)
+
+
+def test_untrained_transformer_converts_full_int8_for_tflite_micro(transformer):
+    model, x, result = transformer
     assert {"BATCH_MATMUL", "SOFTMAX", "L2_NORMALIZATION", "LOGISTIC"} <= set(
         result.ops
     )
@@ -213,6 +225,40 @@ def test_untrained_transformer_converts_full_int8_for_tflite_micro():
         "norm2": "layer_normalization",
     }
     assert "call" not in vars(model.get_layer("norm1"))
+
+
+def test_transformer_kernels_match_litert_but_fully_connected_rounding(transformer):
+    # Fed the same inputs, every TFLite Micro kernel of the transformer
+    # (BATCH_MATMUL, SOFTMAX, L2_NORMALIZATION, MEAN, ...) is bit-exact with
+    # LiteRT's reference kernel; FULLY_CONNECTED rounds 1 step apart.
+    _, x, result = transformer
+    info = _tflite.parse(result.tflite)
+    ins, _ = runtimes.io_details(result.tflite)
+    q = [runtimes.quantize(x[:4], ins[0])]
+    check = kernel_parity.check(result.tflite, info, q)
+    assert check["within_tolerance"] and check["samples"] == 4
+    assert set(check["ops"]) == set(info.ops)
+    off = {op: row["max_abs_diff"] for op, row in check["ops"].items()}
+    assert {"L2_NORMALIZATION", "SOFTMAX", "BATCH_MATMUL"} <= set(off)
+    assert {op for op, d in off.items() if d} <= {"FULLY_CONNECTED"}
+    assert off["FULLY_CONNECTED"] == 1  # The rounding difference is real here.
+
+
+def test_outputs_beyond_tolerance_verify_only_kernel_by_kernel(
+    transformer, monkeypatch
+):
+    # Force the end-to-end check to fail (0 steps allowed): the kernel check
+    # decides, and refuses once FULLY_CONNECTED's 1 step is not allowed.
+    model, x, result = transformer
+    target = kmt.targets.get("mcu")
+    monkeypatch.setattr(parity, "TFLM_TOLERANCE_STEPS", 0)
+    got = parity.measure(model, result.tflite, target, [x[:8]])
+    assert got["tflm_max_abs_diff"] > 0
+    assert got["tflm_reference"] == "kernels" and got["tflm_within_tolerance"]
+    monkeypatch.setattr(kernel_parity, "KERNEL_TOLERANCE_STEPS", {})
+    got = parity.measure(model, result.tflite, target, [x[:8]])
+    assert not got["tflm_kernels"]["within_tolerance"]
+    assert not got["tflm_within_tolerance"] and "tflm_reference" not in got
 
 
 @pytest.mark.filterwarnings("ignore:You passed `rms_scaling=True`")

@@ -187,6 +187,19 @@ def test_evaluate_refuses_frames_and_unlabelled_streams(fused):
         kmt.evaluate(bare, x, np.zeros((4, T), "int64"))
 
 
+def test_inspect_and_evaluate_know_a_resource_variable_stream(streamed):
+    model, result = streamed
+    inspected = kmt.inspect(result.tflite)
+    assert inspected.report["streaming"]["form"] == "variables"
+    assert inspected.report["streaming"]["sequence_output"]
+    assert inspected.arena_bytes == result.arena_bytes
+    x = _x(4, seed=3)
+    _, got, _ = _stream_outputs(result, x)
+    y = np.asarray(model(x)).argmax(-1)  # Per-frame labels (4, T).
+    metrics = kmt.evaluate(result.tflite, x, y)
+    assert metrics["accuracy"] == pytest.approx(np.mean(got.argmax(-1) == y))
+
+
 def test_streaming_files_register_the_variable_ops(streamed, tmp_path):
     _, result = streamed
     result.save(tmp_path / "out")
