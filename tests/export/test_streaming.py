@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import keras_microtune as kmt
-from keras_microtune.export import runtimes, streaming
+from keras_microtune.export import _tflite, runtimes, stream_metadata, streaming
 
 L = keras.layers
 T, F = 8, 3
@@ -198,6 +198,23 @@ def test_inspect_and_evaluate_know_a_resource_variable_stream(streamed):
     y = np.asarray(model(x)).argmax(-1)  # Per-frame labels (4, T).
     metrics = kmt.evaluate(result.tflite, x, y)
     assert metrics["accuracy"] == pytest.approx(np.mean(got.argmax(-1) == y))
+
+
+@pytest.mark.parametrize(
+    "payload, match",
+    [
+        (b"{not json", r"not JSON"),
+        (b'{"version": 2}', r"not version 1"),
+        (b'{"version": 1, "timesteps": 0, "frame_shape": [3]}', r"is invalid"),
+    ],
+)
+def test_a_corrupted_streaming_entry_is_refused(fused, payload, match):
+    _, result, _ = fused
+    bad = _tflite.with_metadata(result.tflite, stream_metadata.NAME, payload)
+    with pytest.raises(kmt.export.InvalidModelError, match=match):
+        kmt.inspect(bad)
+    with pytest.raises(ValueError, match=match):
+        kmt.evaluate(bad, _x(2), np.zeros(2, "int64"))
 
 
 def test_streaming_files_register_the_variable_ops(streamed, tmp_path):
