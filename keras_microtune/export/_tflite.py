@@ -8,6 +8,7 @@ ValueError) instead of crashing or allocating what its header claims.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -529,3 +530,19 @@ def metadata(data: bytes, name: str, max_bytes: int = 1 << 20) -> bytes | None:
             f"Corrupted metadata in the TFLite model: {type(e).__name__}: {e}"
         ) from None
     return None
+
+
+def json_metadata(data: bytes, name: str, max_bytes: int = 1 << 20):
+    """`(value, bytes)`: metadata entry `name` parsed as UTF-8 JSON and its
+    size, or None without one.
+
+    Raises:
+        InvalidModelError: as `metadata`, or the entry is not JSON.
+    """
+    raw = metadata(data, name, max_bytes)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw.decode("utf-8")), len(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise InvalidModelError(f"The {name!r} metadata is not JSON: {e}") from None

@@ -68,13 +68,10 @@ def read(tflite: bytes, info: _tflite.ModelInfo | None = None) -> dict | None:
         InvalidModelError: (a ValueError) the entry is corrupted or does not
             match the model's input tensor.
     """
-    raw = _tflite.metadata(tflite, NAME, MAX_BYTES)
-    if raw is None:
+    found = _tflite.json_metadata(tflite, NAME, MAX_BYTES)
+    if found is None:
         return None
-    try:
-        entry = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise InvalidModelError(f"The {NAME!r} metadata is not JSON: {e}") from None
+    entry, size = found
     version = entry.get("version") if isinstance(entry, dict) else None
     if not isinstance(version, int) or isinstance(version, bool):
         raise InvalidModelError(
@@ -106,7 +103,7 @@ def read(tflite: bytes, info: _tflite.ModelInfo | None = None) -> dict | None:
             "conversion. Convert the model again."
         )
     out["feed"] = preprocessing.feed_sentence(out)
-    out["metadata"] = {"name": NAME, "version": version, "bytes": len(raw)}
+    out["metadata"] = {"name": NAME, "version": version, "bytes": size}
     return out
 
 

@@ -69,32 +69,6 @@ def _disconnected(data: bytes, info: _tflite.ModelInfo) -> tuple[bytes, list, li
     return _tflite.pack(model, len(data)), feeds, outputs
 
 
-def _all_tensors(data: bytes, q: list[np.ndarray]) -> list[dict]:
-    """Every tensor of LiteRT's reference run, per sample."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    interp = Interpreter(
-        model_content=bytes(data),
-        experimental_op_resolver_type=OpResolverType.BUILTIN_REF,
-        experimental_preserve_all_tensors=True,
-    )
-    interp.allocate_tensors()
-    ins = interp.get_input_details()
-    samples = []
-    for s in range(len(q[0])):
-        interp.reset_all_variables()
-        for detail, x in zip(ins, q):
-            interp.set_tensor(detail["index"], x[s : s + 1])
-        interp.invoke()
-        samples.append(
-            {
-                d["index"]: interp.get_tensor(d["index"]).copy()
-                for d in interp.get_tensor_details()
-            }
-        )
-    return samples
-
-
 def check(tflite: bytes, info: _tflite.ModelInfo, q: list[np.ndarray]) -> dict | None:
     """Each op's output in TFLite Micro vs LiteRT's reference kernels, both
     fed the reference run's values of its inputs.
@@ -115,9 +89,9 @@ def check(tflite: bytes, info: _tflite.ModelInfo, q: list[np.ndarray]) -> dict |
     ):
         return None
     q = [x[:MAX_SAMPLES] for x in q]
-    values = _all_tensors(tflite, q)
     model, feeds, outputs = _disconnected(tflite, info)
-    fed = [np.concatenate([v[t] for v in values]) for t in feeds]
+    values, _ = runtimes.litert_tensors(tflite, q, sorted(set(feeds)), reference=True)
+    fed = [values[t] for t in feeds]
     ref = runtimes.litert_run(model, fed, reference=True)
     arena = 4 * _tflite.activation_lower_bound(_tflite.parse(model)) + (1 << 20)
     tflm = runtimes.tflm_run(model, fed, arena)

@@ -172,25 +172,10 @@ def metrics(reference: np.ndarray, actual: np.ndarray) -> dict:
 
 def _run_all(tflite, xs, tensors):
     """Each kept tensor's values for every sample, dequantized to float."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    interp = Interpreter(
-        model_content=bytes(tflite),
-        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
-        experimental_preserve_all_tensors=True,
-    )
-    interp.allocate_tensors()
-    ins = interp.get_input_details()
-    details = {d["index"]: d for d in interp.get_tensor_details()}
+    ins, _ = runtimes.io_details(tflite)
     q = [runtimes.quantize(x, d) for x, d in zip(xs, ins)]
-    got = {t: [] for t in tensors}
-    for s in range(len(xs[0])):
-        for detail, x in zip(ins, q):
-            interp.set_tensor(detail["index"], x[s : s + 1])
-        interp.invoke()
-        for t in tensors:
-            got[t].append(interp.get_tensor(t).copy())
-    return {t: runtimes.dequantize(np.stack(v), details[t]) for t, v in got.items()}
+    values, details = runtimes.litert_tensors(tflite, q, tensors)
+    return {t: runtimes.dequantize(values[t], details[t]) for t in tensors}
 
 
 def measure(model, concrete, tflite, info, xs) -> list[dict]:

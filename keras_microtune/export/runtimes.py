@@ -127,6 +127,50 @@ def litert_run(
     return [np.concatenate(r) for r in results]
 
 
+def litert_tensors(
+    tflite: bytes,
+    inputs: list[np.ndarray],
+    tensors: list[int] | None = None,
+    reference: bool = False,
+):
+    """Tensors' raw values after each sample (batch 1, variable tensors
+    zeroed per sample), from LiteRT keeping all intermediate tensors.
+
+    Args:
+        tflite: bytes. The model.
+        inputs: list of arrays `(N, ...)` already in the input tensors' dtypes.
+        tensors: list of tensor indices to keep, or None for all.
+        reference: bool. LiteRT's reference kernels, else its built-in
+            kernels without the default delegates. Defaults to `False`.
+
+    Returns:
+        `(values, details)`: tensor index -> `(N, ...)` array, and tensor
+        index -> LiteRT's tensor detail (dtype, quantization).
+    """
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    resolver = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    interp = Interpreter(
+        model_content=bytes(tflite),
+        experimental_op_resolver_type=OpResolverType.BUILTIN_REF
+        if reference
+        else resolver,
+        experimental_preserve_all_tensors=True,
+    )
+    interp.allocate_tensors()
+    ins = interp.get_input_details()
+    details = {d["index"]: d for d in interp.get_tensor_details()}
+    values = {t: [] for t in (details if tensors is None else tensors)}
+    for s in range(len(inputs[0])):
+        interp.reset_all_variables()
+        for detail, x in zip(ins, inputs):
+            interp.set_tensor(detail["index"], x[s : s + 1])
+        interp.invoke()
+        for t in values:
+            values[t].append(interp.get_tensor(t).copy())
+    return {t: np.concatenate(v) for t, v in values.items()}, details
+
+
 def litert_stream(tflite: bytes, sequences: np.ndarray, reference: bool = False):
     """A streaming model in LiteRT: each sequence `(T, ...)` fed one frame per
     invoke from a fresh interpreter (zero state); raw outputs `(N, T, ...)`

@@ -52,13 +52,10 @@ def read(tflite: bytes) -> dict | None:
         InvalidModelError: (a ValueError) the entry is corrupted, or was
             written in a version this keras_microtune does not read.
     """
-    raw = _tflite.metadata(tflite, NAME, MAX_BYTES)
-    if raw is None:
+    found = _tflite.json_metadata(tflite, NAME, MAX_BYTES)
+    if found is None:
         return None
-    try:
-        entry = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise InvalidModelError(f"The {NAME!r} metadata is not JSON: {e}") from None
+    entry = found[0]
     if not isinstance(entry, dict) or entry.get("version") != VERSION:
         raise InvalidModelError(
             f"The {NAME!r} metadata is not version {VERSION}, the one this "
