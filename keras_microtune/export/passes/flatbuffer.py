@@ -281,8 +281,10 @@ def compress(c):
 def memory_plan(c):
     """TFLite Micro targets without an NPU (Vela plans those): embed an offline
     memory plan when it lowers the measured arena (`memory_plan.apply`)."""
-    if not c.target.is_mcu or c.target.accelerator or c.stream:
-        return None  # A streaming model's state subgraph is not planned here.
+    if not c.target.is_mcu or c.target.accelerator:
+        return None
+    if c.stream and c.stream.form == "variables":
+        return None  # Its resource variables' subgraph is not planned here.
     lower = _tflite.activation_lower_bound(c.info)
     with cannot_run(c.info):
         tflite, info, c.arena, c.memory = memory_plan_lib.apply(c.tflite, c.info, lower)
