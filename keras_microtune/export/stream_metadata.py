@@ -20,11 +20,11 @@ import json
 
 from keras_microtune.export import _tflite
 from keras_microtune.export._tflite import InvalidModelError
+from keras_microtune.export.streaming import FORMS
 
 NAME = "keras_microtune.streaming"
 VERSION = 1
 MAX_BYTES = 4096  # A larger entry is refused unread.
-FORMS = ("fused", "variables")
 RESET = (
     "Feed one frame per invoke; call MicroInterpreter::Reset() before the "
     "first frame of each sequence (it zeroes the recurrent state)."

@@ -129,9 +129,8 @@ class StepModel:
             )
         outputs = self.step_model.outputs
         self.sequence_output = id(outputs[0]) in self._framed
-        self.form = (
-            "fused" if all(map(_fusable, self._recurrent_layers)) else ("variables")
-        )
+        fused = all(map(_fusable, self._recurrent_layers))
+        self.form = "fused" if fused else "variables"
         self._values = [(v, np.asarray(v)) for v in self.model.variables]
         self._lowered = None
         self.function = tf.function(
@@ -283,9 +282,7 @@ class StepModel:
 def _fusable(layer) -> bool:
     from keras_microtune.export import recurrent
 
-    return (
-        type(layer).__name__ == "LSTM" and not layer.unroll and recurrent.fusable(layer)
-    )
+    return not layer.unroll and recurrent.fusable(layer)  # A forward LSTM.
 
 
 def _step_layer_class():
