@@ -115,6 +115,23 @@ def test_report_measures_arena_macs_and_time(plain, patched):
     assert not plain.fits and patched.fits
 
 
+def test_one_allocation_gives_the_arena_and_bounds_it_from_below(plain, patched):
+    """`tflm_allocations` is the arena the bisection finds (TFLite Micro's
+    recording allocator), and `lower_bound`, which "auto" prunes with, is
+    never above it."""
+    models = [plain.tflite, patched.tflite, b"not a model"]
+    first, second, bad = runtimes.tflm_allocations(models, 1 << 20)
+    assert bad is None
+    assert first["total_bytes"] == plain.arena_bytes
+    assert second["total_bytes"] == patched.arena_bytes
+    assert first["total_bytes"] == first["head_bytes"] + first["tail_bytes"]
+    assert second["nodes_count"] > first["nodes_count"]  # One per copied op.
+    floor = patch_inference.lower_bound(
+        _tflite.parse(plain.tflite), _tflite.parse(patched.tflite), first
+    )
+    assert first["tail_bytes"] < floor <= second["total_bytes"]
+
+
 def test_patches_run_one_after_another(patched):
     """Each patch's tensors die before the next patch starts: the peak of live
     activations is below the unpatched model's."""
@@ -243,16 +260,18 @@ def test_save_writes_the_before_after_memory_plot(patched, tmp_path):
 
 
 @pytest.mark.slow
-def test_device_budget_reports_fitting_with_patches(cnn, plain):
+@pytest.mark.parametrize("option", [SPEC, "auto"], ids=["spec", "auto"])
+def test_device_budget_reports_fitting_with_patches(cnn, plain, option):
     model, x = cnn
     model.compile("adam", keras.losses.MeanSquaredError())
-    budget = kmt.callbacks.DeviceBudget(SMALL_RAM, x, patch_inference=SPEC)
+    budget = kmt.callbacks.DeviceBudget(SMALL_RAM, x, patch_inference=option)
     history = model.fit(
         x, np.zeros((len(x), 4)), epochs=1, verbose=0, callbacks=[budget]
     )
     assert not plain.fits  # Without patches the arena is over the part's RAM.
     assert history.history["fits_target"] == [1.0]
     assert history.history["arena_bytes"][0] <= SMALL_RAM.ram_bytes
+    assert budget.result.report["patch_inference"]["applied"]
 
 
 @pytest.mark.slow
