@@ -338,5 +338,21 @@ def rows(report: dict) -> list[tuple[str, str]]:
             f" -> {rep['arena_bytes_after']:,} B ({rep['arena_ratio']:.2f}x), "
             f"MACs +{100 * rep['mac_overhead']:.1f}%"
             + (f", TFLite Micro invoke time {timing:.2f}x" if timing else ""),
+        ),
+        *_tail_row(rep),
+    ]
+
+
+def _tail_row(rep):
+    before, after = rep.get("arena_parts_before"), rep.get("arena_parts_after")
+    if not (before and after):
+        return []
+    return [
+        (
+            "patch inference: TFLite Micro tail",
+            f"{before['tail_bytes']:,} -> {after['tail_bytes']:,} B (per-op data "
+            f"{before['op_data_bytes']:,} -> {after['op_data_bytes']:,} B, "
+            f"{before['nodes_count']} -> {after['nodes_count']} ops; copies of the "
+            "stage's ops keep their own per-channel multipliers and shifts)",
         )
     ]

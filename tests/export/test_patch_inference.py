@@ -256,7 +256,8 @@ def test_save_writes_the_before_after_memory_plot(patched, tmp_path):
     patched.save(tmp_path / "out")
     png = (tmp_path / "out" / "memory_patching.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "patch inference" in (tmp_path / "out" / "report.md").read_text()
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "patch inference" in text and "TFLite Micro tail" in text
 
 
 @pytest.mark.slow
