@@ -3,9 +3,11 @@
 For each zoo model: `kmt.convert(model, "mcu")` against the same call with
 `patch_inference="auto"` (split layer and grid chosen by measured arena under
 +20% MACs). Columns: arena of both (TFLite Micro, bytes), of which TFLite
-Micro's activation head, the chosen stage end and grid, MAC overhead, invoke
-time patched / plain (TFLite Micro, median of 20 alternating invokes), whether
-the int8 outputs are bit-identical in TFLite Micro, and conversion seconds.
+Micro's activation head and its tail (per-channel multipliers and shifts,
+node and tensor structs: arena minus head), the chosen stage end and grid,
+MAC overhead, invoke time patched / plain (TFLite Micro, median of 20
+alternating invokes), whether the int8 outputs are bit-identical in TFLite
+Micro, and conversion seconds.
 
     python -m benchmarks.patching [--tiny] [--models NAME ...]
 """
@@ -67,9 +69,9 @@ def _kb(n):
 def table(rows):
     lines = [
         "| model | arena plain (B) | arena patched (B) | ratio | activation head "
-        "plain / patched (B) | stage until | grid | MACs | invoke time x "
-        "| TFLM int8 bit-exact | convert s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "plain / patched (B) | TFLM tail plain / patched (B) | stage until | grid "
+        "| MACs | invoke time x | TFLM int8 bit-exact | convert s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         grid = "x".join(map(str, r["grid"])) if r["grid"] else "-"
@@ -78,7 +80,9 @@ def table(rows):
         lines.append(
             f"| {r['model']} | {_kb(r['plain_arena'])} | {_kb(r['arena'])} "
             f"| {r['arena'] / r['plain_arena']:.2f} | {_kb(r['plain_head'])} / "
-            f"{_kb(r['head'])} | {until} | {grid} | +{100 * r['mac_overhead']:.1f}% "
+            f"{_kb(r['head'])} | {_kb(r['plain_arena'] - r['plain_head'])} / "
+            f"{_kb(r['arena'] - r['head'])} | {until} | {grid} "
+            f"| +{100 * r['mac_overhead']:.1f}% "
             f"| {time_x} | {'yes' if r['bit_exact'] else 'NO'} | {r['seconds']} |"
         )
     return "\n".join(lines)

@@ -43,6 +43,7 @@ def cmd_convert(args) -> int:
         safe_mode=not args.unsafe_deserialization,
         verbose=0 if args.json else 1,
         train_batch_size=args.train_batch_size,
+        patch_inference=args.patch_inference,
     )
     if args.output:
         real = result.save(args.output, overwrite=args.overwrite, project=args.project)
@@ -51,6 +52,23 @@ def cmd_convert(args) -> int:
         via = via if link else ""
         print(f"keras-microtune: wrote {real}{via}", file=sys.stderr)
     return _print_result(result, args.json)
+
+
+def patch_option(text: str):
+    """`--patch-inference` as `convert(patch_inference=...)`: `auto`, `UNTIL`
+    (the grid picked by measured arena) or `UNTIL:ROWSxCOLS`."""
+    if text == "auto":
+        return "auto"
+    until, sep, grid = text.rpartition(":")
+    if not sep:
+        return {"until": text, "grid": "auto"}
+    rows, x, cols = grid.lower().partition("x")
+    if not (until and x and rows.isdigit() and cols.isdigit()):
+        raise argparse.ArgumentTypeError(
+            "expected auto, a layer name, or LAYER:ROWSxCOLS (e.g. "
+            f"block_1_project_BN:3x3); received {text!r}"
+        )
+    return {"until": until, "grid": (int(rows), int(cols))}
 
 
 def cmd_inspect(args) -> int:
@@ -147,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="--target mobile-trainable: the train signature's batch (default 16)",
+    )
+    p.add_argument(
+        "--patch-inference",
+        type=patch_option,
+        default=None,
+        metavar="auto|LAYER[:ROWSxCOLS]",
+        help="TFLite Micro targets: run the model up to LAYER on a grid of "
+        "patches to cut the arena (auto: split and grid by measured arena)",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_convert)

@@ -98,3 +98,33 @@ def test_entry_point_runs_as_module():
         check=True,
     )
     assert "mcu" in [t["name"] for t in json.loads(proc.stdout)]
+
+
+def test_convert_with_patch_inference(tmp_path, capsys):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((16, 16, 3)),
+            keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="c1"),
+            keras.layers.MaxPooling2D(2, name="pool"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(3),
+        ]
+    )
+    model.save(tmp_path / "cnn.keras")
+    x = np.random.default_rng(0).normal(size=(8, 16, 16, 3)).astype("float32")
+    np.savez(tmp_path / "calib.npz", x=x)
+    args = ["convert", str(tmp_path / "cnn.keras"), "--calibration"]
+    args += [str(tmp_path / "calib.npz"), "--json", "--patch-inference", "pool:2x1"]
+    assert cli.main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    patched = report["patch_inference"]
+    assert patched["applied"] and patched["grid"] == [2, 1]
+    assert patched["until"] == "pool" and report["verified"]
+    assert {"STRIDED_SLICE", "CONCATENATION"} <= set(report["ops"])
+    assert cli.patch_option("auto") == "auto"
+    assert cli.patch_option("pool") == {"until": "pool", "grid": "auto"}
+    with pytest.raises(SystemExit) as stop:
+        cli.main(args[:-1] + ["pool:2by2"])
+    assert stop.value.code == 2
+    assert "LAYER:ROWSxCOLS" in capsys.readouterr().err

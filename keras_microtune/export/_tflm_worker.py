@@ -6,6 +6,7 @@ Run by path (not as a package module) so it imports only numpy and tflite_micro:
     python _tflm_worker.py run MODEL ARENA N_OUTPUTS INPUTS.npz OUTPUTS.npz
     python _tflm_worker.py stream MODEL ARENA N_OUTPUTS INPUTS.npz OUTPUTS.npz
     python _tflm_worker.py time MODEL ARENA MODEL_B ARENA_B INPUTS.npz REPEATS
+    python _tflm_worker.py record LIST ARENA
 
 `arena` prints one line per probe (`probe SIZE ok|fail`) and then
 `result SIZE`; the parent resumes from the printed probes if this process dies.
@@ -14,6 +15,9 @@ Run by path (not as a package module) so it imports only numpy and tflite_micro:
 interpreter (and so the resource variables) between samples, and writes
 outputs `(N, T, ...)`.
 `time` invokes the two models in turn and prints `time MEDIAN_S MEDIAN_B_S`.
+`record` allocates each model named in LIST (one path a line) in an arena of
+ARENA bytes and prints, on stderr, `record K begin`, then `record K` and the
+recording allocator's lines for it (`record K fail` when it does not allocate).
 """
 
 import sys
@@ -110,8 +114,29 @@ def timing(models, arenas, inputs, repeats):
     print("time", *(float(np.median(t)) for t in times), flush=True)
 
 
+def record(paths, arena_size):
+    """Allocate each model once and print the recording allocator's figures:
+    head and tail do not depend on the arena size once it is large enough."""
+    for k, path in enumerate(paths):
+        with open(path, "rb") as f:
+            model = f.read()
+        print(f"record {k} begin", file=sys.stderr, flush=True)
+        try:
+            interp = _interpreter(model, arena_size)
+        except RuntimeError:
+            print(f"record {k} fail", file=sys.stderr, flush=True)
+            continue
+        print(f"record {k}", file=sys.stderr, flush=True)
+        interp.print_allocations()
+        sys.stderr.flush()
+
+
 def main(argv):
     command, model_path = argv[1], argv[2]
+    if command == "record":
+        with open(model_path) as f:
+            record(f.read().split(), argv[3])
+        return
     with open(model_path, "rb") as f:
         model = f.read()
     if command == "arena":

@@ -2,11 +2,13 @@
 
 `apply` resolves `until` (a Keras layer name) to the tensor it outputs in the
 converted flatbuffer, builds the patched models with `patching.rewrite`, and
-measures their arena in TFLite Micro as `convert` delivers it (with the
-offline memory plan when that lowers it). `"auto"` estimates every split and
-grid it considers (activation bound plus TFLite Micro's tail grown by the
-copied ops), measures the best few under the MAC cap, and keeps the smallest,
-or the unpatched model when none is smaller.
+measures their arena in TFLite Micro. `"auto"` builds every split and grid up
+to 6x6 within the MAC cap, drops those whose lower bound (activation bound
+plus the unpatched TFLite Micro tail grown by the copied ops' structs and
+per-channel data) is not below the unpatched arena, allocates the rest once
+each in TFLite Micro (exact arena with its own planner), and measures the few
+smallest as `convert` delivers them (offline memory plan when it lowers the
+arena); it keeps the smallest, or the unpatched model when none is smaller.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import numpy as np
 from keras_microtune.export import _tflite, patching, runtimes
 
 MAX_MAC_OVERHEAD = 0.2  # "auto": at most +20% multiply-adds.
-GRIDS = ((2, 2), (2, 3), (3, 2), (3, 3), (4, 4))
-MEASURED = 3  # "auto": candidates measured in TFLite Micro, best estimates first.
+MAX_SIDE = 6  # "auto": grids up to 6 x 6 patches.
+MEASURED = 3  # "auto": smallest allocated candidates measured with an arena search.
+SHOWN = 10  # "auto": candidates listed in the report, smallest arena first.
 
 
 def check_option(value, target) -> dict | None:
@@ -109,22 +112,27 @@ def _layer_name(info, split, layer_names):
     return match.group(1) if match else None
 
 
-def estimate(unpatched, patched, tail_bytes) -> int:
-    """Arena estimate before measuring: the activation bound plus TFLite
-    Micro's tail grown by the ops and tensors the patches add."""
-    extra_ops = len(patched.op_sequence) - len(unpatched.op_sequence)
-    extra_tensors = len(patched.tensors) - len(unpatched.tensors)
+def _channels(info) -> int:
+    return sum(
+        info.tensors[outs[0]].shape[-1]
+        for name, _, outs in info.op_sequence
+        if name in ("CONV_2D", "DEPTHWISE_CONV_2D")
+    )
 
-    def channels(info):
-        return sum(
-            info.tensors[outs[0]].shape[-1]
-            for name, _, outs in info.op_sequence
-            if name in ("CONV_2D", "DEPTHWISE_CONV_2D")
-        )
 
-    grown = 112 * extra_ops + 24 * extra_tensors
-    grown += 8 * (channels(patched) - channels(unpatched))
-    return _tflite.activation_lower_bound(patched) + tail_bytes + grown
+def lower_bound(unpatched, patched, parts) -> int:
+    """A floor under the patched arena, before allocating it: the activation
+    bound plus the unpatched TFLite Micro tail grown by what the patches add
+    for certain (a node struct per op and an eval tensor per tensor, sized as
+    in the unpatched `parts` from `runtimes.tflm_allocations`, and 8 bytes per
+    output channel of each copied convolution: its int32 multipliers and
+    shifts; the kernels' other op data is left out)."""
+    per_node = parts["nodes_bytes"] / max(parts["nodes_count"], 1)
+    per_tensor = parts["eval_tensors_bytes"] / max(parts["eval_tensors_count"], 1)
+    grown = per_node * (len(patched.op_sequence) - len(unpatched.op_sequence))
+    grown += per_tensor * (len(patched.tensors) - len(unpatched.tensors))
+    grown += 8 * (_channels(patched) - _channels(unpatched))
+    return _tflite.activation_lower_bound(patched) + parts["tail_bytes"] + int(grown)
 
 
 def _measure(data):
@@ -138,14 +146,72 @@ def _measure(data):
     return arena["arena_bytes"], arena
 
 
+def _grids(shape, grid):
+    """The grids to try on a split of `shape`: `grid`, or with "auto" every
+    rows x cols up to `MAX_SIDE` that the split's height and width allow."""
+    if grid != "auto":
+        return [grid]
+    sides = range(1, MAX_SIDE + 1)
+    return [
+        (r, c)
+        for r in sides
+        for c in sides
+        if (r, c) != (1, 1) and r <= shape[1] and c <= shape[2]
+    ]
+
+
+def _candidates(info, stripped, stages, spec, parts, before, describe):
+    """Rewritten candidates within the MAC cap whose lower bound is below the
+    unpatched arena `before` ("auto": a stage whose rest of the network alone
+    cannot fit below it is passed over; a grid is not built when a grid with
+    no more rows and columns is already over the cap: halos only grow)."""
+    unpatched = _tflite.parse(stripped)
+    live = _tflite.live_bytes_per_op(unpatched)
+    macs_before = patching.macs(unpatched)
+    auto = spec["until"] == "auto" or spec["grid"] == "auto"
+    rows, considered = [], 0
+    for st in stages:
+        inside = set(st.ops)
+        rest = max((b for k, b in enumerate(live) if k not in inside), default=0)
+        if auto and rest + parts.get("tail_bytes", 0) >= before:
+            continue
+        over = []
+        shape = info.tensors[st.split].shape
+        for grid in _grids(shape, spec["grid"]):
+            if any(r <= grid[0] and c <= grid[1] for r, c in over):
+                continue
+            patching.check_grid(grid, shape)
+            try:
+                data = patching.rewrite(stripped, st, grid, describe)
+            except patching.PatchError:
+                if not auto:
+                    raise
+                continue  # "auto": e.g. a 'same' pooling this grid cannot split.
+            considered += 1
+            patched = _tflite.parse(data)
+            overhead = patching.macs(patched) / macs_before - 1 if macs_before else 0.0
+            if auto and overhead > spec["max_mac_overhead"]:
+                over.append(grid)
+                continue
+            floor = lower_bound(unpatched, patched, parts) if parts else 0
+            if auto and floor >= before:
+                continue
+            rows.append(
+                {"stage": st, "grid": grid, "data": data, "mac_overhead": overhead}
+            )
+    return rows, considered, macs_before
+
+
 def apply(tflite: bytes, info, spec: dict, layer_names=(), timing_repeats=20):
     """Patch `tflite` (converted, names kept) as `spec` (`check_option`) asks.
 
-    Arenas are measured in TFLite Micro on stripped copies, each with the
-    offline memory plan when it helps (as `convert` delivers them, before
-    compression); with `"auto"` the best estimated candidates under the MAC
-    cap are measured and the smallest is kept, or none when none is below the
-    unpatched arena.
+    With `"auto"`, every split the model allows and every grid up to
+    `MAX_SIDE` x `MAX_SIDE` within the MAC cap whose lower bound is below the
+    unpatched arena is allocated once in TFLite Micro (its recording
+    allocator: the exact arena with TFLite Micro's own planner); the
+    `MEASURED` smallest are then measured as `convert` delivers them (arena
+    search, offline memory plan when it helps, before compression) and the
+    smallest is kept, or none when none is below the unpatched arena.
 
     Returns:
         (tflite, report): the patched model (or `tflite` itself when "auto"
@@ -154,53 +220,41 @@ def apply(tflite: bytes, info, spec: dict, layer_names=(), timing_repeats=20):
     describe = describe_ops(info, layer_names)
     stripped = _tflite.strip(tflite)  # Same ops and tensors, without names.
     unpatched = _tflite.parse(stripped)
-    before, before_memory = _measure(stripped)
+    before, _ = _measure(stripped)
+    parts = runtimes.tflm_allocations([stripped], 2 * before + (1 << 16))[0] or {}
     if spec["until"] == "auto":
-        candidates = _narrow(info, patching.stages(info))
+        stages = patching.stages(info)
     else:
         split = find_split(info, spec["until"], layer_names)
-        candidates = [patching.stage(info, split, describe)]
-    macs_before = patching.macs(unpatched)
-    rows = []
-    for st in candidates:
-        shape = info.tensors[st.split].shape
-        grids = [spec["grid"]] if spec["grid"] != "auto" else GRIDS
-        for grid in grids:
-            if spec["grid"] == "auto" and (grid[0] > shape[1] or grid[1] > shape[2]):
-                continue
-            patching.check_grid(grid, shape)
-            try:
-                data = patching.rewrite(stripped, st, grid, describe)
-            except patching.PatchError:
-                if spec["until"] != "auto":
-                    raise
-                continue  # "auto": e.g. a 'same' pooling this grid cannot split.
-            patched = _tflite.parse(data)
-            overhead = patching.macs(patched) / macs_before - 1 if macs_before else 0.0
-            rows.append(
-                {
-                    "stage": st,
-                    "grid": grid,
-                    "data": data,
-                    "mac_overhead": overhead,
-                    "estimate": estimate(
-                        unpatched, patched, before_memory.get("tail_bytes", 0)
-                    ),
-                }
-            )
+        stages = [patching.stage(info, split, describe)]
+    rows, considered, macs_before = _candidates(
+        info, stripped, stages, spec, parts, before, describe
+    )
     auto = spec["until"] == "auto" or spec["grid"] == "auto"
     report = {
         "requested": {
             k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()
         },
         "arena_bytes_before": before,
+        "arena_parts_before": parts,
         "macs_before": macs_before,
         "live_bytes_before": _tflite.live_bytes_per_op(unpatched),
     }
     if auto:
-        allowed = [r for r in rows if r["mac_overhead"] <= spec["max_mac_overhead"]]
-        allowed.sort(key=lambda r: r["estimate"])
-        rows = allowed[:MEASURED]
+        report["candidates_built"] = considered
+        allocated = runtimes.tflm_allocations(
+            [r["data"] for r in rows], 2 * before + (1 << 16)
+        )
+        for r, a in zip(rows, allocated):
+            r["parts"] = a
+            r["allocated_bytes"] = a["total_bytes"] if a else None
+        report["candidates_allocated"] = len(rows)
+        rows = [r for r in rows if r["allocated_bytes"] is not None]
+        rows.sort(key=lambda r: r["allocated_bytes"])
+        shown = rows[:SHOWN]
+        rows = rows[:MEASURED]
+    else:
+        shown = rows
     for r in rows:
         try:
             r["arena_bytes"], _ = _measure(r["data"])
@@ -215,22 +269,24 @@ def apply(tflite: bytes, info, spec: dict, layer_names=(), timing_repeats=20):
             "until": _layer_name(info, r["stage"].split, layer_names),
             "grid": list(r["grid"]),
             "mac_overhead": round(r["mac_overhead"], 4),
-            "arena_bytes": r["arena_bytes"],
+            "arena_bytes": r.get("arena_bytes", r.get("allocated_bytes")),
             **({"error": r["error"]} if "error" in r else {}),
         }
-        for r in rows
+        for r in shown
     ]
     rows = [r for r in rows if r["arena_bytes"] is not None]
     best = min(rows, key=lambda r: r["arena_bytes"], default=None)
     if best is None or (auto and best["arena_bytes"] >= before):
         report["applied"] = False
-        report["reason"] = (
-            f"no patched arena below the unpatched {before:,} B"
-            if best is not None
-            else "TFLite Micro could not run the candidates"
-            if report["candidates"]
-            else "no split and grid within the MAC cap"
-        )
+        if best is not None:
+            report["reason"] = f"no patched arena below the unpatched {before:,} B"
+        elif shown:
+            report["reason"] = "TFLite Micro could not run the candidates"
+        else:
+            report["reason"] = (
+                "no split and grid within the MAC cap whose lower bound is "
+                f"below the unpatched {before:,} B"
+            )
         return tflite, report
     st = best["stage"]
     report.update(
@@ -243,6 +299,8 @@ def apply(tflite: bytes, info, spec: dict, layer_names=(), timing_repeats=20):
             "stage_ops": len(st.ops),
             "arena_bytes_after": best["arena_bytes"],
             "arena_ratio": round(best["arena_bytes"] / before, 4),
+            "arena_parts_after": best.get("parts")
+            or runtimes.tflm_allocations([best["data"]], 2 * before + (1 << 16))[0],
             "macs_after": round(macs_before * (1 + best["mac_overhead"])),
             "mac_overhead": round(best["mac_overhead"], 4),
         }
@@ -264,25 +322,6 @@ def apply(tflite: bytes, info, spec: dict, layer_names=(), timing_repeats=20):
     return best["data"], report
 
 
-def _narrow(info, candidates, limit=12):
-    """Splits worth measuring: the first at each spatial size (a stage that
-    ends right after a downsampling) and the narrow ones (no larger than the
-    splits before and after: where an inverted residual block's projection
-    ends), at most `limit`, closest to the input first."""
-    sizes = [info.tensors[s.split].nbytes for s in candidates]
-    picked, seen = [], set()
-    for i, st in enumerate(candidates):
-        shape = info.tensors[st.split].shape[1:3]
-        first = shape not in seen
-        seen.add(shape)
-        narrow = sizes[i] <= min(
-            sizes[max(i - 1, 0)], sizes[min(i + 1, len(sizes) - 1)]
-        )
-        if first or narrow:
-            picked.append(st)
-    return picked[:limit]
-
-
 def rows(report: dict) -> list[tuple[str, str]]:
     """Report table rows for `report["patch_inference"]` (none without it)."""
     rep = report.get("patch_inference")
@@ -299,5 +338,21 @@ def rows(report: dict) -> list[tuple[str, str]]:
             f" -> {rep['arena_bytes_after']:,} B ({rep['arena_ratio']:.2f}x), "
             f"MACs +{100 * rep['mac_overhead']:.1f}%"
             + (f", TFLite Micro invoke time {timing:.2f}x" if timing else ""),
+        ),
+        *_tail_row(rep),
+    ]
+
+
+def _tail_row(rep):
+    before, after = rep.get("arena_parts_before"), rep.get("arena_parts_after")
+    if not (before and after):
+        return []
+    return [
+        (
+            "patch inference: TFLite Micro tail",
+            f"{before['tail_bytes']:,} -> {after['tail_bytes']:,} B (per-op data "
+            f"{before['op_data_bytes']:,} -> {after['op_data_bytes']:,} B, "
+            f"{before['nodes_count']} -> {after['nodes_count']} ops; copies of the "
+            "stage's ops keep their own per-channel multipliers and shifts)",
         )
     ]

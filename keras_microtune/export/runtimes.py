@@ -362,6 +362,74 @@ def measure_arena(tflite: bytes, lower_bound: int = 0, timeout=600, info=None) -
     raise RuntimeFailure("TFLite Micro arena search did not converge.")
 
 
+_RECORDED = {
+    "TfLiteEvalTensor data": "eval_tensors",
+    "Persistent TfLiteTensor data": "persistent_tensors",
+    "Persistent TfLiteTensor quantization data": "persistent_quantization",
+    "Persistent buffer data": "op_data",  # Kernels' own: per-channel multipliers...
+    "NodeAndRegistration struct": "nodes",
+}
+
+
+def tflm_allocations(models: list[bytes], arena_bytes: int, timeout=600) -> list:
+    """TFLite Micro's recording allocator on each model, allocated once in an
+    arena of `arena_bytes` (large enough: head and tail do not depend on it).
+
+    The total is the arena the model needs with TFLite Micro's own planner
+    (what `measure_arena` finds by bisection, without invoking), at the cost of
+    one allocation. Models are allocated in one child process; one that
+    crashes it is passed over (None) and the rest are allocated in a new one.
+
+    Returns:
+        per model, None (does not allocate) or a dict: `total_bytes`,
+        `head_bytes`, `tail_bytes` and, per part of the tail, `{part}_bytes`
+        and `{part}_count` (parts: eval_tensors, nodes, op_data (the kernels'
+        persistent buffers: per-channel multipliers and shifts, op params),
+        persistent_tensors, persistent_quantization).
+    """
+    results = [None] * len(models)
+    with tempfile.TemporaryDirectory(prefix="kmt_tflm_") as tmp:
+        paths = []
+        for k, data in enumerate(models):
+            paths.append(os.path.join(tmp, f"m{k}.tflite"))
+            with open(paths[-1], "wb") as f:
+                f.write(data)
+        start = 0
+        while start < len(models):
+            listing = os.path.join(tmp, "models.txt")
+            with open(listing, "w") as f:
+                f.write("\n".join(paths[start:]))
+            proc = _worker(["record", listing, arena_bytes], timeout)
+            blocks, current, begun = {}, None, -1
+            for line in proc.stderr.splitlines():
+                parts = line.split()
+                if parts[:1] == ["record"] and parts[2:] == ["begin"]:
+                    begun, current = int(parts[1]), None
+                elif parts[:1] == ["record"]:
+                    current = start + int(parts[1])
+                    blocks[current] = [] if parts[2:] != ["fail"] else None
+                elif current is not None and blocks[current] is not None:
+                    blocks[current].append(line)
+            for k, lines in blocks.items():
+                text = "\n".join(lines or ())
+                if lines is not None and "Arena allocation total" in text:
+                    results[k] = {**_recording(text), **_tail_parts(text)}
+            if proc.returncode == 0:
+                break
+            start += begun + 1  # The child died on the model it began last.
+    return results
+
+
+def _tail_parts(text: str) -> dict:
+    out = {}
+    for line in text.splitlines():
+        for label, key in _RECORDED.items():
+            if f"'{label}' used " in line:
+                out[f"{key}_bytes"] = int(line.split(" used ")[1].split()[0])
+                out[f"{key}_count"] = int(line.rsplit(" for ", 1)[1].split()[0])
+    return out
+
+
 def _recording(stdout: str) -> dict:
     out = {}
     for line in stdout.splitlines():
