@@ -4,7 +4,9 @@ time. The workers must end with identical weights, see the same schedules
 and convert on the chief only; after one worker is killed mid-training and
 both are restarted, training resumes from the last backup and ends where an
 uninterrupted run ends. (The script trains with `fit`'s loop written out:
-Keras 3.15's `model.fit` fails under this strategy, see its docstring.)"""
+Keras 3.15's `model.fit` fails under this strategy, see its docstring.)
+On the JAX backend, Keras' own `model.fit` runs across two processes with
+`keras.distribution.DataParallel` (`jax_multiprocess_script.py`)."""
 
 import json
 import os
@@ -153,3 +155,39 @@ def test_training_resumes_from_the_backup_after_a_worker_is_killed(run, resumed)
         assert worker.keys() == weights.keys()
         for key in weights:
             np.testing.assert_array_equal(worker[key], weights[key], err_msg=key)
+
+
+JAX_SCRIPT = os.path.join(ROOT, "tests", "backends", "jax_multiprocess_script.py")
+
+
+@pytest.fixture(scope="module")
+def jax_run(tmp_path_factory):
+    """Keras' own `model.fit` over two JAX processes (keras.distribution)."""
+    pytest.importorskip("jax")
+    out = tmp_path_factory.mktemp("jax_processes")
+    (port,) = _free_ports(1)
+    procs = []
+    for index in range(2):
+        env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        command = [sys.executable, JAX_SCRIPT, str(out), str(port), str(index)]
+        log = open(os.path.join(out, f"worker{index}.log"), "w")
+        procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=log))
+    _wait(procs, out, time.monotonic() + TIMEOUT)
+    return _results(out)
+
+
+def test_model_fit_across_two_jax_processes_with_our_callbacks(jax_run):
+    reports, weights = jax_run
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        np.testing.assert_array_equal(weights[0][key], weights[1][key], err_msg=key)
+    first, second = reports
+    for name in SCHEDULED + ("loss", "int8_size_bytes", "fits_target"):
+        assert [e[name] for e in first["qat"]] == [e[name] for e in second["qat"]]
+    assert [e["quantization_enabled"] for e in first["qat"]] == [0, 1, 1, 1]
+    assert [e["ranges_frozen"] for e in first["qat"]] == [0, 0, 0, 1]
+    # One fit over the global batch 16: 4 steps an epoch, as on TensorFlow.
+    assert [e["pruning_step"] for e in first["pruning"]] == [4.0, 8.0]
+    assert [e["pruning_step"] for e in second["pruning"]] == [4.0, 8.0]
+    # No chief here: every process converts (the same weights, the same bytes).
+    assert first["converted"] and second["converted"]
