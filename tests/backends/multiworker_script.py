@@ -50,23 +50,20 @@ import tensorflow as tf  # noqa: E402
 STRATEGY = tf.distribute.MultiWorkerMirroredStrategy()  # Before any op.
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
+from microtune_case import (  # noqa: E402
+    BATCH,
+    EPOCHS,
+    Record,
+    arrays,
+    pruned_model,
+    qat_callbacks,
+    qat_model,
+    write,
+)
 
 import keras_microtune as kmt  # noqa: E402
 
 INDEX = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
-EPOCHS = 4
-BATCH = 16  # Global batch: 8 per worker.
-
-
-class Record(keras.callbacks.Callback):
-    """Each epoch's scheduled values as this worker sees them."""
-
-    def on_train_begin(self, logs=None):
-        self.epochs = []
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.epochs.append({"epoch": epoch, **{k: float(v) for k, v in logs.items()}})
 
 
 class KillAt(keras.callbacks.Callback):
@@ -122,9 +119,7 @@ def fit(model, dataset, epochs, callbacks, backup_dir):
 
 
 def data():
-    rng = np.random.default_rng(0)
-    x = rng.uniform(size=(64, 8, 8, 1)).astype("float32")
-    y = (x[:, :4].mean(axis=(1, 2, 3)) > x[:, 4:].mean(axis=(1, 2, 3))).astype("int32")
+    x, y = arrays()
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
     options = tf.data.Options()
     policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -132,67 +127,23 @@ def data():
     return x, dataset.with_options(options)
 
 
-def backbone():
-    keras.utils.set_random_seed(0)
-    return keras.Sequential(
-        [
-            keras.Input((8, 8, 1)),
-            kmt.layers.FeatureStage([8], stem_filters=4, pooling="max", name="b1"),
-            kmt.layers.EmbeddingStage("avg"),
-            kmt.layers.OutputStage(2),
-        ]
-    )
-
-
 def main(out, backup, kill_at=None):
     x, dataset = data()
     with STRATEGY.scope():
-        qat = kmt.optimize.quantize_model(kmt.attach(backbone(), num_classes=2))
-        qat.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
-    budget = kmt.callbacks.DeviceBudget("cortex-m0plus", x[:16], every=2)
-    record = Record()
-    callbacks = [
-        kmt.callbacks.WarmupCosine(1e-2, warmup_steps=2, decay_steps=16),
-        kmt.callbacks.QuantizationSchedule(start_epoch=1, freeze_ranges_epoch=3),
-        budget,
-        record,
-    ]
+        qat = qat_model()
+    callbacks = qat_callbacks(x)
     if kill_at is not None:
         callbacks.append(KillAt(*kill_at))
     fit(qat, dataset, EPOCHS, callbacks, os.path.join(backup, f"worker{INDEX}"))
     with STRATEGY.scope():
-        # Attached: BatchNorm in inference mode. (A BatchNormalization that
-        # trains keeps each worker's own batch statistics unless it is
-        # `synchronized=True`: Keras' behaviour, not checked here.)
-        pruned = kmt.optimize.prune_low_magnitude(
-            kmt.attach(backbone(), num_classes=2),
-            target_sparsity=0.5,
-            end_step=6,
-            frequency=2,
-        )
-        pruned.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+        pruned = pruned_model()
     prune_record = Record()
     prune_backup = os.path.join(backup, f"pruned{INDEX}")
-    fit(
-        pruned,
-        dataset,
-        2,
-        [kmt.callbacks.PruningSchedule(), prune_record],
-        prune_backup,
-    )
-    weights = {}
-    for name, model in (("qat", qat), ("pruned", pruned)):
-        for v in model.weights:  # By path, so a mismatch names the variable.
-            weights[f"{name}:{v.path.replace('/', '.')}"] = np.asarray(v.numpy())
-    np.savez(os.path.join(out, f"worker{INDEX}.npz"), **weights)
-    report = {
-        "qat": record.epochs,
-        "pruning": prune_record.epochs,
-        "converted": budget.result is not None,
-        "is_chief": bool(STRATEGY.extended.should_checkpoint),
-    }
-    with open(os.path.join(out, f"worker{INDEX}.json"), "w") as f:
-        json.dump(report, f)
+    callbacks_pruned = [kmt.callbacks.PruningSchedule(), prune_record]
+    fit(pruned, dataset, 2, callbacks_pruned, prune_backup)
+    budget, record = callbacks[2], callbacks[3]
+    is_chief = bool(STRATEGY.extended.should_checkpoint)
+    write(out, INDEX, qat, record, budget, pruned, prune_record, is_chief=is_chief)
 
 
 if __name__ == "__main__":

@@ -113,11 +113,17 @@ def resumed(tmp_path_factory):
 SCHEDULED = ("learning_rate", "quantization_enabled", "ranges_frozen")
 
 
+def _assert_identical(weights, *others):
+    """Bit-identical weights, named by path in a failure."""
+    for other in others:
+        assert other.keys() == weights.keys()
+        for key in weights:
+            np.testing.assert_array_equal(other[key], weights[key], err_msg=key)
+
+
 def test_workers_end_with_identical_weights_and_schedules(run):
     reports, weights = run
-    assert weights[0].keys() == weights[1].keys()
-    for key in weights[0]:
-        np.testing.assert_array_equal(weights[0][key], weights[1][key], err_msg=key)
+    _assert_identical(*weights)
     chief, other = reports
     assert [e["epoch"] for e in chief["qat"]] == [0, 1, 2, 3]
     for name in SCHEDULED + ("int8_size_bytes", "arena_bytes", "fits_target"):
@@ -151,10 +157,7 @@ def test_training_resumes_from_the_backup_after_a_worker_is_killed(run, resumed)
     assert reports[0]["converted"] and not reports[1]["converted"]
     # Bit-identical to the uninterrupted run, on both workers: weights, QAT
     # ranges, LoRA factors, optimizer-driven updates all resumed exactly.
-    for worker in resumed_weights:
-        assert worker.keys() == weights.keys()
-        for key in weights:
-            np.testing.assert_array_equal(worker[key], weights[key], err_msg=key)
+    _assert_identical(weights, *resumed_weights)
 
 
 JAX_SCRIPT = os.path.join(ROOT, "tests", "backends", "jax_multiprocess_script.py")
@@ -178,9 +181,7 @@ def jax_run(tmp_path_factory):
 
 def test_model_fit_across_two_jax_processes_with_our_callbacks(jax_run):
     reports, weights = jax_run
-    assert weights[0].keys() == weights[1].keys()
-    for key in weights[0]:
-        np.testing.assert_array_equal(weights[0][key], weights[1][key], err_msg=key)
+    _assert_identical(*weights)
     first, second = reports
     for name in SCHEDULED + ("loss", "int8_size_bytes", "fits_target"):
         assert [e[name] for e in first["qat"]] == [e[name] for e in second["qat"]]
