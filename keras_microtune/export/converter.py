@@ -282,7 +282,11 @@ def convert(
         "safe_mode": safe_mode,
         "verbose": verbose,
         "patch_inference": patch_lib.check_option(patch_inference, target),
-        "train_batch_size": trainable.check_batch_size(train_batch_size),
+        # None off the trainable target: the backend bridge hands these
+        # options to `convert` again, which refuses a batch there.
+        "train_batch_size": (
+            trainable.check_batch_size(train_batch_size) if target.trainable else None
+        ),
         "streaming": _check_streaming(streaming),
     }
     if backend_bridge.needed():  # JAX/PyTorch Keras: a TensorFlow child converts.

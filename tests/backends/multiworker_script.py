@@ -2,13 +2,18 @@
 
 Started twice by `test_multiworker.py`, with a loopback `TF_CONFIG` each:
 
-    TF_CONFIG=... python tests/backends/multiworker_script.py OUT_DIR
+    TF_CONFIG=... python tests/backends/multiworker_script.py OUT_DIR BACKUP_DIR \
+        [--kill-at EPOCH,BATCH]
 
 Trains an attached, QAT-wrapped model with WarmupCosine,
-QuantizationSchedule and DeviceBudget, then a pruned model with
-PruningSchedule. Writes `OUT_DIR/worker<i>.json` (each epoch's learning
-rate, QAT flags, pruning step, DeviceBudget figures, whether this worker
-converted) and `OUT_DIR/worker<i>.npz` (the final weights of both models).
+QuantizationSchedule and DeviceBudget, backed up after every epoch into
+`BACKUP_DIR/worker<i>`, then a pruned model with PruningSchedule. Writes
+`OUT_DIR/worker<i>.json` (each epoch's learning rate, QAT flags, pruning
+step, DeviceBudget figures, whether this worker converted) and
+`OUT_DIR/worker<i>.npz` (the final weights of both models). With
+`--kill-at`, the worker sends itself SIGKILL before that batch of the QAT
+training (a machine lost mid-training); started again without it, it
+resumes from its last backup.
 
 Keras 3.15's `model.fit` does not run under MultiWorkerMirroredStrategy
 (keras-team/keras#20585: its symbolic build reduces the whole `(x, y)`
@@ -16,12 +21,27 @@ batch with `strategy.reduce`, and its log reduction calls
 `strategy.reduce(..., axis=0)` on scalars; both raise with two workers).
 So `fit` below is the loop `model.fit` runs, written out: the model's own
 `train_step` in `strategy.run`, the callbacks through Keras'
-`CallbackList` with the same hooks in the same order.
+`CallbackList` with the same parameters (`epochs`, `steps`) and the same
+hooks in the same order.
+
+The backup is a `tf.train.CheckpointManager` over the model, its
+optimizer and the epoch, not Keras' BackupAndRestore: that one saves with
+`save_weights`, which merges each LoRA update into its kernel, and loads
+it back with `lora_kernel_a` and `lora_kernel_b` at zero (Keras' design for
+LoRA, keras-team/keras#23244). The outputs survive, but at zero both
+factors get zero gradients and move only by the optimizer's restored
+momentum: resumed that way, this run ended with `lora_kernel_a` near 0.01
+where the uninterrupted run has about 0.5 (weights up to 1.2 apart). A
+checkpoint keeps every variable as it is, and the resumed run ends
+bit-identical to an uninterrupted one. Each worker writes its own
+directory: every worker must take part in the save, and the weights are
+the same on all of them.
 """
 
+import argparse
 import json
 import os
-import sys
+import signal
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -30,30 +50,52 @@ import tensorflow as tf  # noqa: E402
 STRATEGY = tf.distribute.MultiWorkerMirroredStrategy()  # Before any op.
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
+from microtune_case import (  # noqa: E402
+    BATCH,
+    EPOCHS,
+    Record,
+    arrays,
+    pruned_model,
+    qat_callbacks,
+    qat_model,
+    write,
+)
 
 import keras_microtune as kmt  # noqa: E402
 
 INDEX = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
-EPOCHS = 4
-BATCH = 16  # Global batch: 8 per worker.
 
 
-class Record(keras.callbacks.Callback):
-    """Each epoch's scheduled values as this worker sees them."""
+class KillAt(keras.callbacks.Callback):
+    """SIGKILL this worker before batch `batch` of epoch `epoch`."""
 
-    def on_train_begin(self, logs=None):
-        self.epochs = []
+    def __init__(self, epoch, batch):
+        super().__init__()
+        self.epoch, self.batch = epoch, batch
 
-    def on_epoch_end(self, epoch, logs=None):
-        self.epochs.append({"epoch": epoch, **{k: float(v) for k, v in logs.items()}})
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if (self._epoch, batch) == (self.epoch, self.batch):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
-def fit(model, dataset, epochs, callbacks):
-    """`model.fit(dataset, epochs, callbacks)`'s loop (see the docstring)."""
+def fit(model, dataset, epochs, callbacks, backup_dir):
+    """`model.fit(dataset, epochs, callbacks)`'s loop (see the docstring),
+    resuming from and backing up to `backup_dir`."""
     with STRATEGY.scope():
         model.optimizer.build(model.trainable_variables)
-    callbacks = keras.callbacks.CallbackList(callbacks, model=model)
+    epochs_done = tf.Variable(0, dtype=tf.int64, trainable=False)
+    checkpoint = tf.train.Checkpoint(
+        model=model, optimizer=model.optimizer, epoch=epochs_done
+    )
+    backup = tf.train.CheckpointManager(checkpoint, backup_dir, max_to_keep=1)
+    checkpoint.restore(backup.latest_checkpoint)  # None: nothing to restore.
+    steps = int(dataset.cardinality())
+    callbacks = keras.callbacks.CallbackList(
+        callbacks, model=model, epochs=epochs, steps=steps, verbose=0
+    )
     distributed = STRATEGY.experimental_distribute_dataset(dataset)
 
     @tf.function
@@ -62,7 +104,8 @@ def fit(model, dataset, epochs, callbacks):
         return STRATEGY.reduce("MEAN", logs["loss"], axis=None)
 
     callbacks.on_train_begin()
-    for epoch in range(epochs):
+    for epoch in range(int(epochs_done.numpy()), epochs):
+        model.reset_metrics()
         callbacks.on_epoch_begin(epoch)
         for index, batch in enumerate(distributed):
             callbacks.on_train_batch_begin(index)
@@ -70,13 +113,13 @@ def fit(model, dataset, epochs, callbacks):
             callbacks.on_train_batch_end(index, {"loss": loss})
         logs = {"loss": loss}
         callbacks.on_epoch_end(epoch, logs)
+        epochs_done.assign(epoch + 1)
+        backup.save()
     callbacks.on_train_end()
 
 
 def data():
-    rng = np.random.default_rng(0)
-    x = rng.uniform(size=(64, 8, 8, 1)).astype("float32")
-    y = (x[:, :4].mean(axis=(1, 2, 3)) > x[:, 4:].mean(axis=(1, 2, 3))).astype("int32")
+    x, y = arrays()
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
     options = tf.data.Options()
     policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -84,57 +127,29 @@ def data():
     return x, dataset.with_options(options)
 
 
-def backbone():
-    keras.utils.set_random_seed(0)
-    return keras.Sequential(
-        [
-            keras.Input((8, 8, 1)),
-            kmt.layers.FeatureStage([8], stem_filters=4, pooling="max", name="b1"),
-            kmt.layers.EmbeddingStage("avg"),
-            kmt.layers.OutputStage(2),
-        ]
-    )
-
-
-def main(out):
+def main(out, backup, kill_at=None):
     x, dataset = data()
     with STRATEGY.scope():
-        qat = kmt.optimize.quantize_model(kmt.attach(backbone(), num_classes=2))
-        qat.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
-    budget = kmt.callbacks.DeviceBudget("cortex-m0plus", x[:16], every=2)
-    record = Record()
-    schedules = [
-        kmt.callbacks.WarmupCosine(1e-2, warmup_steps=2, decay_steps=16),
-        kmt.callbacks.QuantizationSchedule(start_epoch=1, freeze_ranges_epoch=3),
-    ]
-    fit(qat, dataset, EPOCHS, [*schedules, budget, record])
+        qat = qat_model()
+    callbacks = qat_callbacks(x)
+    if kill_at is not None:
+        callbacks.append(KillAt(*kill_at))
+    fit(qat, dataset, EPOCHS, callbacks, os.path.join(backup, f"worker{INDEX}"))
     with STRATEGY.scope():
-        # Attached: BatchNorm in inference mode. (A BatchNormalization that
-        # trains keeps each worker's own batch statistics unless it is
-        # `synchronized=True`: Keras' behaviour, not checked here.)
-        pruned = kmt.optimize.prune_low_magnitude(
-            kmt.attach(backbone(), num_classes=2),
-            target_sparsity=0.5,
-            end_step=6,
-            frequency=2,
-        )
-        pruned.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+        pruned = pruned_model()
     prune_record = Record()
-    fit(pruned, dataset, 2, [kmt.callbacks.PruningSchedule(), prune_record])
-    weights = {}
-    for name, model in (("qat", qat), ("pruned", pruned)):
-        for v in model.weights:  # By path, so a mismatch names the variable.
-            weights[f"{name}:{v.path.replace('/', '.')}"] = np.asarray(v.numpy())
-    np.savez(os.path.join(out, f"worker{INDEX}.npz"), **weights)
-    report = {
-        "qat": record.epochs,
-        "pruning": prune_record.epochs,
-        "converted": budget.result is not None,
-        "is_chief": bool(STRATEGY.extended.should_checkpoint),
-    }
-    with open(os.path.join(out, f"worker{INDEX}.json"), "w") as f:
-        json.dump(report, f)
+    prune_backup = os.path.join(backup, f"pruned{INDEX}")
+    callbacks_pruned = [kmt.callbacks.PruningSchedule(), prune_record]
+    fit(pruned, dataset, 2, callbacks_pruned, prune_backup)
+    budget, record = callbacks[2], callbacks[3]
+    is_chief = bool(STRATEGY.extended.should_checkpoint)
+    write(out, INDEX, qat, record, budget, pruned, prune_record, is_chief=is_chief)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("backup")
+    parser.add_argument("--kill-at", type=lambda s: tuple(map(int, s.split(","))))
+    args = parser.parse_args()
+    main(args.out, args.backup, args.kill_at)

@@ -73,6 +73,21 @@ def test_jax_trained_qat_model_converts_to_the_tensorflow_bytes(jax_qat):
     assert tflm == kmt.evaluate(ours, x, y, runtime="tflm")
 
 
+def test_the_child_process_converts_with_the_options_convert_checked(monkeypatch):
+    """What a JAX or PyTorch process runs, from this one: `convert`'s checked
+    options go to the TensorFlow child, which must accept them as they are
+    (a defaulted `train_batch_size` once made every non-trainable target
+    fail there) and give the bytes this process gives."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    x = np.random.default_rng(0).uniform(size=(16, 4)).astype("float32")
+    here = kmt.convert(model, "mcu", representative_data=x, verbose=0)
+    monkeypatch.setattr(backend_bridge, "needed", lambda: True)
+    there = kmt.convert(model, "mcu", representative_data=x, verbose=0)
+    assert there.tflite == here.tflite
+    assert there.report == json.loads(json.dumps(here.report))
+
+
 def test_convert_on_another_backend_needs_tensorflow(monkeypatch, tmp_path):
     spec = backend_bridge.importlib.util.find_spec
     monkeypatch.setattr(
