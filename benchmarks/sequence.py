@@ -3,8 +3,10 @@
 A Keras 3 LSTM (lowered to the fused int8 UNIDIRECTIONAL_SEQUENCE_LSTM), a
 GRU (unrolled: TFLite Micro has no GRU kernel), the same two converted with
 `streaming=True` (one frame per invoke: the LSTM's state inside the fused
-op, the GRU's in resource variables) and a Conv1D model of similar size,
-trained on aeon's bundled BasicMotions (6-axis
+op, the GRU's in resource variables), the one-block tiny transformer of
+`examples/tiny_transformer.py` (MultiHeadAttention, LayerNormalization, a
+GELU feed-forward block; width 12 for a similar parameter count) and a
+Conv1D model of similar size, trained on aeon's bundled BasicMotions (6-axis
 accelerometer + gyroscope, 100 steps, 4 activities; 40 train / 40 test).
 Accuracy is measured in the TFLite Micro interpreter on the test set; the
 streaming models are fed each test sequence frame by frame from a zero state
@@ -13,6 +15,8 @@ for a streaming model). Invoke time is the median
 of TFLite Micro invokes in this process (Python interpreter, x86 reference
 kernels): a ratio between rows, not a device figure; the streaming row gives
 one frame and, in brackets, one frame times the 100 frames of a sequence.
+"verified" is the conversion's `report["verified"]`: TFLite Micro's outputs
+agree with LiteRT's reference kernels within the parity tolerance.
 
     python -m benchmarks.sequence [--tiny]
 """
@@ -24,9 +28,15 @@ import keras
 import numpy as np
 
 import keras_microtune as kmt
+from examples.tiny_transformer import tiny_transformer
 from keras_microtune.export import runtimes
 
 UNITS = 16
+WIDTH = 12  # Transformer width: about the parameters of the other rows.
+# Adam learning rate and epochs per model; the transformer trains as
+# `examples/tiny_transformer.py` does (1e-2 for 120 epochs is too hot for it).
+FIT = {"transformer": (3e-3, 30)}
+DEFAULT_FIT = (1e-2, 120)
 
 
 def _models(steps, channels, classes):
@@ -49,12 +59,13 @@ def _models(steps, channels, classes):
     return {
         "lstm": rnn(keras.layers.LSTM(UNITS), "lstm"),
         "gru": rnn(keras.layers.GRU(UNITS), "gru"),
+        "transformer": tiny_transformer((steps, channels), classes, width=WIDTH),
         "conv1d": conv,
     }
 
 
-def _fit(model, x, y, epochs):
-    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+def _fit(model, x, y, rate, epochs):
+    model.compile(keras.optimizers.Adam(rate), "sparse_categorical_crossentropy")
     model.fit(x, y, epochs=epochs, batch_size=8, verbose=0)
     return model
 
@@ -81,7 +92,6 @@ def main(tiny=False):
     (x, y), (xt, yt) = data["train"], data["test"]
     if tiny:
         x, xt, yt = x[:, :20], xt[:8, :20], yt[:8]
-    epochs = 3 if tiny else 120
     repeats = 3 if tiny else 50
     rows = []
     models = _models(x.shape[1], x.shape[2], len(data["classes"]))
@@ -90,7 +100,8 @@ def main(tiny=False):
     variants.insert(3, ("gru streaming", models["gru"], True))
     for name, model, streaming in variants:
         if not streaming:
-            _fit(model, x, y, epochs)
+            rate, epochs = FIT.get(name, DEFAULT_FIT)
+            _fit(model, x, y, rate, 3 if tiny else epochs)
         float_acc = float(np.mean(model.predict(xt, verbose=0).argmax(-1) == yt))
         result = kmt.convert(
             model, "mcu", representative_data=x, streaming=streaming, verbose=0
@@ -102,6 +113,9 @@ def main(tiny=False):
         lowering = "-"
         if result.report.get("recurrent"):
             lowering = result.report["recurrent"]["layers"][0]["lowering"]
+        elif (result.report.get("lowering") or {}).get("layers"):
+            lowered = {row["op"] for row in result.report["lowering"]["layers"]}
+            lowering = "lowered " + ", ".join(sorted(lowered))
         if streaming:
             described = passes["lower_recurrent"]["streaming"]
             if described["form"] == "fused":
@@ -122,17 +136,18 @@ def main(tiny=False):
                 result.size_bytes,
                 result.arena_bytes,
                 ms,
+                "yes" if result.report["verified"] else "NO",
             )
         )
     print(
         "| model | lowering | parameters | float accuracy (%) | int8 TFLM accuracy "
-        "(%) | flatbuffer (B) | arena (B) | TFLM invoke (ms) |"
+        "(%) | flatbuffer (B) | arena (B) | TFLM invoke (ms) | verified |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for name, lowering, params, fa, qa, size, arena, ms in rows:
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, lowering, params, fa, qa, size, arena, ms, verified in rows:
         print(
             f"| {name} | {lowering} | {params:,} | {fa:.1f} | {qa:.1f} | "
-            f"{size:,} | {arena:,} | {ms} |"
+            f"{size:,} | {arena:,} | {ms} | {verified} |"
         )
     return rows
 

@@ -122,9 +122,17 @@ def test_callbacks_overhead_table():
 @pytest.mark.slow
 def test_sequence_table():
     out = _run("benchmarks.sequence", "--tiny")
-    for name in ("lstm |", "lstm streaming", "gru |", "gru streaming", "conv1d"):
+    for name in (
+        "lstm |",
+        "lstm streaming",
+        "gru |",
+        "gru streaming",
+        "transformer",
+        "conv1d",
+    ):
         (row,) = _table_rows(out, name)
-        assert row.count("|") == 9, row
+        assert row.count("|") == 10, row
+        assert row.endswith(("| yes |", "| NO |")), row
     (lstm,) = _table_rows(out, "lstm |")
     assert "| fused |" in lstm
     (gru,) = _table_rows(out, "gru |")
