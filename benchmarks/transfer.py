@@ -408,7 +408,7 @@ def main(argv=None):
         b = backbones[task]
         print(
             f"- {task}: {tasks.DESCRIPTIONS[task]}; backbone int8 {b['bytes']:,} "
-            f"bytes, source train accuracy {b['source_accuracy']:.3f}"
+            f"bytes, source accuracy (float, inference mode) {b['source_accuracy']:.3f}"
         )
     print(f"\n{read}\n\n({time.perf_counter() - start:.0f} s)")
     if args.json:

@@ -101,8 +101,29 @@ def build(name, samples=32, seed=0):
     rng = np.random.default_rng(seed)
     shape = model.input_shape[1:]
     x = rng.normal(size=(samples, *shape)).astype("float32")
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = 0.0
-    model(x, training=True)
+    set_batchnorm_statistics(model, x)
     return model, x
+
+
+def set_batchnorm_statistics(model, x):
+    """Set every BatchNorm's moving mean and variance to its statistics on `x`.
+
+    One training-mode call on all of `x` with momentum 0: each layer's moving
+    statistics become those of its own input on `x` (the layers before it
+    already normalised by the same statistics), so the model in inference
+    mode computes what it computes in training mode on the batch `x`.
+    Momentum is restored afterwards.
+    """
+    from keras_microtune.callbacks._base import sublayers
+
+    layers = [
+        layer
+        for layer in sublayers(model)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.momentum = 0.0
+    model(x, training=True)
+    for layer, momentum in zip(layers, momenta):
+        layer.momentum = momentum
