@@ -17,9 +17,13 @@ How it trains: the layers keep their layer-level `trainable=False` (so
 BatchNormalization keeps running in inference mode: moving statistics
 frozen, batch statistics never used) and only the chosen variables are
 flagged trainable, which is what `model.trainable_weights` and `fit` use.
-Per-variable flags are not part of a layer's config, so a model reloaded
-from `.keras` comes back with these layers fully frozen (LoRA is merged into
-the saved kernel by Keras itself, see `kmt.optimize.merge_adapters`).
+Per-variable flags are not part of a layer's config; `PrefixCacheModel`
+(what `attach()` returns) keeps them in its own config, so a model reloaded
+from `.keras` trains the same variables.
+
+Keras saves a LoRA kernel with `A @ B` merged into it and loads it back with
+both factors zero, where their gradients are zero too (see `restart_lora`,
+which `PrefixCacheModel` calls after `load_weights` and before `fit`).
 """
 
 import keras
@@ -223,3 +227,32 @@ def apply_placement(model, plan):
     for variable in chosen:
         variable.trainable = True
     return list({id(v): v for v in chosen}.values())
+
+
+def restart_lora(model):
+    """Re-draw the A factor of LoRA updates a load left with both factors zero.
+
+    Keras' Dense/Conv `save_own_variables` stores the kernel with `A @ B`
+    merged into it and `load_own_variables` assigns zeros to both factors;
+    with both zero their gradients are zero, so the update would never train
+    again. This draws A again as `enable_lora` does (He uniform, seeded by
+    `keras.utils.set_random_seed`) and keeps B zero, so outputs are unchanged
+    and training continues from the loaded (merged) kernel with a fresh
+    update. A layer with any non-zero factor is left as it is.
+
+    Args:
+        model: keras.Layer. The model (or layer) whose LoRA layers to check.
+
+    Returns:
+        list of the layers whose A factor was re-drawn.
+    """
+    restarted = []
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        if not getattr(layer, "lora_enabled", False):
+            continue
+        a, b = layer.lora_kernel_a, layer.lora_kernel_b
+        if any(bool(keras.ops.any(keras.ops.not_equal(v, 0))) for v in (a, b)):
+            continue
+        a.assign(keras.initializers.HeUniform()(a.shape, dtype=a.dtype))
+        restarted.append(layer)
+    return restarted

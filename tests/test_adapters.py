@@ -154,14 +154,10 @@ def test_keras_round_trip_and_configs(tmp_path, rng):
     config = adapted.get_layer("b2").get_config()
     assert config["lora_rank"] == {"block0_pw": 4, "block1_pw": 4}
     assert loaded.get_layer("b2").get_config() == config
-    # Per-variable choices are not in a config: reloaded stages come back frozen
-    # (Keras itself saves LoRA merged into the kernel with zero factors).
-    assert _paths(loaded.trainable_weights) == [
-        "emb/projection/bias",
-        "emb/projection/kernel",
-        "out/dense/bias",
-        "out/dense/kernel",
-    ]
+    # PrefixCacheModel's config keeps the per-variable choices: the reloaded
+    # model trains the same variables (LoRA itself is saved merged; see
+    # tests/test_lora_resume.py for its factors).
+    assert _paths(loaded.trainable_weights) == _paths(adapted.trainable_weights)
 
 
 def test_stage_lora_rank_argument(rng):

@@ -45,6 +45,19 @@ training and validation features); a callback changes frozen layers during
 fit (ProgressiveUnfreeze, ActivationClipAnneal); or the prefix adds losses.
 A callback that makes a prefix layer trainable mid-fit stops it with an
 error. `evaluate` and `predict` always run the whole model.
+
+Saving and resuming. The config keeps which variables train
+(`trainable_paths`), so a model from `keras.saving.load_model` trains what
+the saved one trained. Keras saves each LoRA kernel merged (`W + A @ B`)
+and loads it back with both factors zero, which would stop them training
+(zero gradients). So after `load_weights` (which `BackupAndRestore` and
+`ModelCheckpoint` resumes use) and at the start of `fit`, a LoRA layer whose
+factors are both zero gets A drawn again as `enable_lora` draws it and B
+kept zero (`kmt.adapters.restart_lora`, logged once at INFO): outputs are
+unchanged and a resumed model continues from the loaded, merged kernel with
+a fresh low-rank update. The resume is not bit-exact: the factors (and so
+the next steps) differ from an uninterrupted run, and restored optimizer
+moments of A and B belong to the old factors.
 """
 
 import logging
@@ -54,6 +67,7 @@ import keras
 import numpy as np
 
 from keras_microtune._api import serializable, strategy_scope
+from keras_microtune.adapters import restart_lora
 from keras_microtune.training import feature_data
 from keras_microtune.training.prefix_plan import plan_prefix
 
@@ -116,6 +130,10 @@ class PrefixCacheModel(keras.Model):
             `True`.
         max_cache_bytes: int. Largest features cache (training plus
             validation) `fit` builds. Defaults to `2**30` (1 GiB).
+        trainable_paths: None or list of str. Variables to flag trainable,
+            by path from their top-level layer ("b1/block0_pw/lora_kernel_a"),
+            as `get_config` records them, so a reloaded model trains what the
+            saved one did. Defaults to `None` (the flags the layers give).
         **kwargs: passed to `keras.Model`.
 
     Example:
@@ -138,6 +156,7 @@ class PrefixCacheModel(keras.Model):
         *args,
         cache_prefix=True,
         max_cache_bytes=DEFAULT_MAX_CACHE_BYTES,
+        trainable_paths=None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -158,6 +177,43 @@ class PrefixCacheModel(keras.Model):
         self.cache_prefix = cache_prefix
         self.max_cache_bytes = max_cache_bytes
         self._prefix_cache = _Cache()
+        if trainable_paths is not None:
+            self._flag_trainable(trainable_paths)
+
+    def _flag_trainable(self, paths):
+        if not isinstance(paths, (list, tuple)) or not all(
+            isinstance(p, str) for p in paths
+        ):
+            raise TypeError(
+                "Received an invalid value for `trainable_paths`, expected a list "
+                f"of variable paths. Received: trainable_paths={paths!r}"
+            )
+        variables = _variables_by_path(self)
+        unknown = sorted(set(paths) - set(variables))
+        if unknown:
+            raise ValueError(
+                "Received an invalid value for `trainable_paths`: the model has "
+                f"no variables {unknown}. Pass paths from `variable.path` of "
+                "this model's layers (as `get_config` records them)."
+            )
+        for path in paths:
+            variables[path].trainable = True
+
+    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+        """Keras' `load_weights`, then LoRA factors restarted (module docs)."""
+        super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
+        self._restart_lora()
+
+    def _restart_lora(self):
+        restarted = restart_lora(self)
+        if restarted:
+            logger.info(
+                "Loaded %d LoRA layers with both factors zero (Keras saves them "
+                "merged into the kernel); re-initialised their A factor so they "
+                "keep training, B stays zero so outputs are unchanged: %s",
+                len(restarted),
+                [layer.name for layer in restarted],
+            )
 
     def __call__(self, *args, **kwargs):
         if args and _is_features(args[0]):
@@ -182,6 +238,9 @@ class PrefixCacheModel(keras.Model):
             **super().get_config(),
             "cache_prefix": self.cache_prefix,
             "max_cache_bytes": self.max_cache_bytes,
+            "trainable_paths": [
+                path for path, v in _variables_by_path(self).items() if v.trainable
+            ],
         }
 
     def fit(
@@ -207,6 +266,7 @@ class PrefixCacheModel(keras.Model):
         args = dict(locals())
         args.pop("self")
         args.pop("__class__", None)
+        self._restart_lora()
         plan, reason = self._plan_cache(x, validation_data, callbacks)
         if reason is None:
             batch_size = batch_size or 32
@@ -321,6 +381,24 @@ class PrefixCacheModel(keras.Model):
         if prefix.losses:
             return None, None, "the frozen prefix adds losses (add_loss)"
         return train, validation, None
+
+
+def _variables_by_path(model):
+    """{path from the top-level layer: variable} of `model`'s layers.
+
+    Keras' `variable.path` also names the model a layer was first built in
+    ("backbone/b1/..."), which a reloaded model does not have.
+    """
+    variables = {}
+    for layer in model.layers:
+        for variable in layer.weights:
+            parts = variable.path.split("/")
+            if layer.name in parts:
+                parts = parts[parts.index(layer.name) :]
+            else:
+                parts = [layer.name, variable.name]
+            variables["/".join(parts)] = variable
+    return variables
 
 
 def _rows(x):

@@ -31,9 +31,11 @@ it back with `lora_kernel_a` and `lora_kernel_b` at zero (Keras' design for
 LoRA, keras-team/keras#23244). The outputs survive, but at zero both
 factors get zero gradients and move only by the optimizer's restored
 momentum: resumed that way, this run ended with `lora_kernel_a` near 0.01
-where the uninterrupted run has about 0.5 (weights up to 1.2 apart). A
-checkpoint keeps every variable as it is, and the resumed run ends
-bit-identical to an uninterrupted one. Each worker writes its own
+where the uninterrupted run has about 0.5 (weights up to 1.2 apart).
+`PrefixCacheModel.load_weights` now redraws A so the adapters keep
+training, but from fresh factors, not the saved ones. A checkpoint keeps
+every variable as it is, and the resumed run ends bit-identical to an
+uninterrupted one. Each worker writes its own
 directory: every worker must take part in the save, and the weights are
 the same on all of them.
 """
