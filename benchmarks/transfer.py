@@ -26,7 +26,7 @@ peak training memory: the growth of the child's peak RSS (VmHWM, reset just
 before) over its first fit, 2 steps at MEMORY_BATCH samples, where
 activations dominate (tracing is included and about equal for all methods).
 
-    python -m benchmarks.transfer [--tiny] [--tasks ...] [--methods ...]
+    python -m benchmarks.transfer [--tiny] [--tasks ...] [--methods ...] [--tune-lr]
 """
 
 import argparse
@@ -138,18 +138,24 @@ def train_once(method, backbone_path, data, lr, seed, epochs, train=None):
     return model, seconds, float(np.median(timer.steps or [seconds]))
 
 
-def choose_learning_rate(backbone_path, data, epochs, rates=FULL_LEARNING_RATES):
-    """Full fine-tuning's learning rate with the best validation accuracy."""
+def choose_learning_rate(
+    backbone_path, data, epochs, rates=FULL_LEARNING_RATES, method="full"
+):
+    """`method`'s learning rate with the best validation accuracy."""
     fit, val = tasks.validation_split(*data["train"])
     scores = []
     for lr in rates:
-        model, _, _ = train_once("full", backbone_path, data, lr, 0, epochs, fit)
+        model, _, _ = train_once(method, backbone_path, data, lr, 0, epochs, fit)
         scores.append(model.evaluate(*val, verbose=0, return_dict=True)["accuracy"])
     return rates[scores.index(max(scores))], scores
 
 
-def measure(task, method, backbone_path, epochs, seeds, tiny=False):
-    """Every figure of one (task, method) row; runs inside one process."""
+def measure(task, method, backbone_path, epochs, seeds, tiny=False, tune=False):
+    """Every figure of one (task, method) row; runs inside one process.
+
+    Full fine-tuning's learning rate is chosen on a validation split; with
+    `tune`, every method's is (the same rates and split).
+    """
     import keras
     import numpy as np
 
@@ -169,9 +175,11 @@ def measure(task, method, backbone_path, epochs, seeds, tiny=False):
     # traced or allocated (the learning rate does not change the working
     # set). Smoke mode skips it (one more traced fit per method).
     memory = None if tiny else peak_training_mib(make, x, y, lr)
-    if method == "full":
+    if method == "full" or tune:
         rates = FULL_LEARNING_RATES[:1] if tiny else FULL_LEARNING_RATES
-        lr, val_scores = choose_learning_rate(backbone_path, data, epochs, rates)
+        lr, val_scores = choose_learning_rate(
+            backbone_path, data, epochs, rates, method
+        )
     x_test, y_test = data["test"]
     if tiny:
         x_test, y_test = x_test[:200], y_test[:200]
@@ -197,7 +205,7 @@ def measure(task, method, backbone_path, epochs, seeds, tiny=False):
     return row
 
 
-def _child(task, method, path, epochs, seeds):
+def _child(task, method, path, epochs, seeds, tune=False):
     cmd = [
         sys.executable,
         "-m",
@@ -211,7 +219,7 @@ def _child(task, method, path, epochs, seeds):
         str(epochs),
         "--seeds",
         *map(str, seeds),
-    ]
+    ] + (["--tune-lr"] if tune else [])
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -219,7 +227,7 @@ def _child(task, method, path, epochs, seeds):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(tiny=False, task_names=tasks.TASKS, methods=METHODS):
+def run(tiny=False, task_names=tasks.TASKS, methods=METHODS, tune=False):
     import keras_microtune as kmt
 
     epochs = 1 if tiny else EPOCHS
@@ -240,9 +248,9 @@ def run(tiny=False, task_names=tasks.TASKS, methods=METHODS):
             }
             for method in methods:
                 if tiny:  # one process: the figures are not meaningful anyway
-                    row = measure(task, method, path, epochs, seeds, tiny=True)
+                    row = measure(task, method, path, epochs, seeds, True, tune)
                 else:
-                    row = _child(task, method, path, epochs, seeds)
+                    row = _child(task, method, path, epochs, seeds, tune)
                 rows.append(row)
                 print(
                     f"# {task} {method}: {json.dumps(row)}", file=sys.stderr, flush=True
@@ -373,6 +381,12 @@ def main(argv=None):
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     parser.add_argument("--json", help="also write rows and reading to this file")
     parser.add_argument(
+        "--tune-lr",
+        action="store_true",
+        help="choose every method's learning rate on the validation split, as "
+        "full fine-tuning's always is",
+    )
+    parser.add_argument(
         "--combine",
         nargs="*",
         help="print the table of earlier --json files (e.g. one per task)",
@@ -386,7 +400,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.child:
         task, method = args.child
-        print(json.dumps(measure(task, method, args.backbone, args.epochs, args.seeds)))
+        row = measure(
+            task, method, args.backbone, args.epochs, args.seeds, tune=args.tune_lr
+        )
+        print(json.dumps(row))
         return
     args.tasks = args.tasks or (["digits"] if args.tiny else list(tasks.TASKS))
     start = time.perf_counter()
@@ -399,7 +416,7 @@ def main(argv=None):
             backbones.update(saved["backbones"])
         args.tasks = [t for t in tasks.TASKS if t in backbones]
     else:
-        rows, backbones = run(args.tiny, args.tasks, args.methods)
+        rows, backbones = run(args.tiny, args.tasks, args.methods, args.tune_lr)
     text, summary = table(rows, backbones)
     read = reading(summary)
     print(text)

@@ -108,6 +108,26 @@ def test_transfer_table(tmp_path):
     assert all(0 <= a <= 1 for r in rows for a in r["accuracy"])
 
 
+@pytest.mark.slow  # A benchmark's tiny run.
+def test_transfer_tune_lr_chooses_every_methods_rate(tmp_path):
+    from benchmarks.transfer import FULL_LEARNING_RATES, LEARNING_RATE
+
+    path = tmp_path / "rows.json"
+    _run(
+        "benchmarks.transfer",
+        "--tiny",
+        "--methods",
+        "head",
+        "--tune-lr",
+        "--json",
+        path,
+    )
+    (row,) = json.loads(path.read_text())["rows"]
+    # Tiny mode tries the first rate only; without --tune-lr head keeps its own.
+    assert row["lr"] == FULL_LEARNING_RATES[0] != LEARNING_RATE, row
+    assert len(row["val_scores"]) == 1 and 0 <= row["val_scores"][0] <= 1, row
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not _exists("callbacks_overhead"), reason="not written yet")
 def test_callbacks_overhead_table():
