@@ -24,3 +24,10 @@ def strategy_scope(model):
     """
     strategy = getattr(model, "distribute_strategy", None)
     return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
+def sublayers(layer, include_self=False):
+    """Every layer nested in `layer` (recursively), `layer` first if asked."""
+    # Keras has no public recursive walk; `_flatten_layers` is what Keras'
+    # own saving and summary code use.
+    return list(layer._flatten_layers(include_self=include_self, recursive=True))

@@ -28,6 +28,7 @@ which `PrefixCacheModel` calls after `load_weights` and before `fit`).
 
 import keras
 
+from keras_microtune._api import sublayers
 from keras_microtune.layers import EmbeddingStage, FeatureStage, OutputStage
 
 LORA_TYPES = (
@@ -52,7 +53,7 @@ def _leaves(top):
     """(name suffix, layer) pairs of `top` and the layers nested in it."""
     if isinstance(top, keras.Model):
         return []  # Nested backbones: attach to their layers is not supported.
-    inner = list(top._flatten_layers(include_self=False, recursive=True))
+    inner = sublayers(top)
     if not inner:
         return [("", top)]
     return [(f"/{layer.name}", layer) for layer in inner]
@@ -247,7 +248,7 @@ def restart_lora(model):
         list of the layers whose A factor was re-drawn.
     """
     restarted = []
-    for layer in model._flatten_layers(include_self=True, recursive=True):
+    for layer in sublayers(model, include_self=True):
         if not getattr(layer, "lora_enabled", False):
             continue
         a, b = layer.lora_kernel_a, layer.lora_kernel_b

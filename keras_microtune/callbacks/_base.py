@@ -3,6 +3,10 @@
 import math
 import numbers
 
+# The recursive layer walk lives in `_api` (below the callbacks, so optimize
+# and training can use it too); the callbacks and benchmarks import it here.
+from keras_microtune._api import sublayers  # noqa: F401
+
 
 def check_number(name, value, low=None, high=None, integer=False, low_open=False):
     """Raise a Keras-style ValueError unless `value` is a number in range."""
@@ -65,13 +69,6 @@ def schedule_value(value, epoch, epochs, start_epoch=0):
         fraction = min(max((epoch - start_epoch) / epochs, 0.0), 1.0)
         return float(start + (end - start) * fraction)
     return float(value)
-
-
-def sublayers(layer):
-    """Every layer nested in `layer` (recursively), not including `layer`."""
-    # Keras has no public recursive walk; `_flatten_layers` is what Keras'
-    # own saving and summary code use.
-    return list(layer._flatten_layers(include_self=False, recursive=True))
 
 
 def retrace(model):

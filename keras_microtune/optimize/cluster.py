@@ -29,7 +29,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_microtune._api import serializable
+from keras_microtune._api import serializable, sublayers
 from keras_microtune.optimize import graph, tfmot_bridge
 
 ASSIGNMENTS_FROZEN = "assignments_frozen"
@@ -39,7 +39,7 @@ CENTROIDS_FROZEN = "centroids_frozen"
 def _depthwise_kernels(layer):
     """ids of the depthwise kernels in `layer` (their channels: in * multiplier)."""
     found = set()
-    for sub in layer._flatten_layers(include_self=True, recursive=True):
+    for sub in sublayers(layer, include_self=True):
         if isinstance(
             sub, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
         ):

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_microtune._api import sublayers
 from keras_microtune.layers import MicroTune
 from keras_microtune.optimize import graph
 from keras_microtune.optimize.quantize_conv import kind_of
@@ -38,12 +39,10 @@ def _own_variables(layer):
     return list(layer._trainable_variables) + list(layer._non_trainable_variables)
 
 
-def _all(layer):
-    return list(layer._flatten_layers(include_self=True, recursive=True))
-
-
 def _has_lora(layer):
-    return any(getattr(x, "lora_enabled", False) for x in _all(layer))
+    return any(
+        getattr(x, "lora_enabled", False) for x in sublayers(layer, include_self=True)
+    )
 
 
 def _copy_merged(layer, fold=None):
@@ -51,7 +50,9 @@ def _copy_merged(layer, fold=None):
     config = _strip_lora(layer.get_config())
     new = layer.__class__.from_config(config)
     new.build_from_config(layer.get_build_config())
-    for old, fresh in zip(_all(layer), _all(new)):
+    for old, fresh in zip(
+        sublayers(layer, include_self=True), sublayers(new, include_self=True)
+    ):
         values = {v.name: v for v in _own_variables(old)}
         for variable in _own_variables(fresh):
             if variable.name == "kernel" and getattr(old, "lora_enabled", False):
@@ -171,7 +172,7 @@ def _plan(model):
                     "reason": reason or "folded into the preceding kernel",
                 }
             )
-        for inner in _all(layer):
+        for inner in sublayers(layer, include_self=True):
             if getattr(inner, "lora_enabled", False):
                 rows.append(
                     {

@@ -19,6 +19,7 @@ import inspect
 import keras
 import numpy as np
 
+from keras_microtune._api import sublayers
 from keras_microtune.layers import EmbeddingStage, FeatureStage, MicroTune, OutputStage
 
 # Layers whose `call` hands `training` only to their sublayers (checked
@@ -68,18 +69,13 @@ def _history(tensor):
     return layer, layer._inbound_nodes[node_index]
 
 
-def _sublayers(layer):
-    # Keras has no public recursive walk; its saving and summary code use this.
-    return list(layer._flatten_layers(include_self=True, recursive=True))
-
-
 def _takes_training(layer):
     return "training" in inspect.signature(layer.call).parameters
 
 
 def training_dependence(layer):
     """Why `layer` may compute differently when training (None if it does not)."""
-    for sub in _sublayers(layer):
+    for sub in sublayers(layer, include_self=True):
         kind = type(sub).__name__
         seeds = {id(v) for v in sub.variables} - {id(v) for v in sub.weights}
         if isinstance(sub, RANDOM_TYPES) or seeds:
