@@ -1,0 +1,261 @@
+"""Anomaly-detection autoencoder: every int8 path, scored by AUC in TFLite Micro.
+
+The autoencoder row of issue 19's "benchmark where PTQ hurts" (table 3).
+aeon's bundled KDD-TSAD 135 (UCR anomaly archive, InternalBleeding16: an
+arterial blood pressure trace, 1,200 normal training points, 7,501 test
+points with one labelled 12-point anomaly) is cut into sliding windows of
+64 points (standardized with the training mean and std). A Dense autoencoder
+(64-32-8-32-64, ReLU) learns to reconstruct the normal windows; a test
+window's anomaly score is its mean squared reconstruction error, and the
+score is the ROC AUC (`sklearn.metrics.roc_auc_score`) of windows that
+overlap the anomaly against the rest (every other test window: 3,719, 38
+positive).
+
+Rows, each converted model run in the TFLite Micro interpreter:
+
+- float: `kmt.convert(model, "float32")`;
+- Keras LiteRT PTQ: Keras' own `model.export(format="litert",
+  optimizations=[DEFAULT], representative_dataset=...)` (its defaults:
+  float input/output, SELECT_TF_OPS allowed);
+- TFLiteConverter PTQ: plain `tf.lite.TFLiteConverter`, full int8
+  (TFLITE_BUILTINS_INT8, int8 input/output);
+- ours PTQ: `kmt.convert(model, "mcu", representative_data=...)`;
+- ours QAT: `kmt.optimize.quantize_model(model)`, fine-tuned, stripped,
+  then `kmt.convert(..., "mcu")`;
+- ours auto: `kmt.convert(..., precision="auto")`;
+- tfmot QAT: `tfmot.quantization.keras.quantize_model` on the tf_keras twin
+  (same weights, same fine-tuning), converted by the plain converter.
+
+Calibration data is training windows only. `--seeds` trains the model that
+many times (mean ± spread).
+
+    python -m benchmarks.ptq_autoencoder [--tiny] [--seeds 3]
+"""
+
+import argparse
+import os
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+
+WINDOW = 64
+WIDTHS = (32, 8, 32)
+FIT = (1e-3, 60, 32)  # Adam rate, epochs, batch
+QAT_EPOCHS = 5
+ROWS = (
+    "float",
+    "Keras LiteRT PTQ",
+    "TFLiteConverter PTQ",
+    "ours PTQ",
+    "ours QAT",
+    'ours precision="auto"',
+    "tfmot QAT",
+)
+
+
+def load(tiny=False):
+    """Training windows, test windows (every other one) and their labels."""
+    from aeon.datasets import load_kdd_tsad_135
+
+    train, _ = load_kdd_tsad_135(split="train")
+    test, labels = load_kdd_tsad_135(split="test")
+    train = np.asarray(train, "float32").ravel()
+    test = np.asarray(test, "float32").ravel()
+    mean, std = train.mean(), train.std()
+
+    def windows(series):
+        return np.lib.stride_tricks.sliding_window_view(series, WINDOW)
+
+    x = windows((train - mean) / std).astype("float32")
+    xt = windows((test - mean) / std).astype("float32")[::2]
+    yt = windows(np.asarray(labels).ravel()).max(1)[::2].astype("int32")
+    if tiny:
+        # Keep the anomaly: the windows around it and a few normal ones.
+        keep = np.r_[np.flatnonzero(yt)[:8], np.arange(0, len(yt), 100)[:24]]
+        x, xt, yt = x[::8], xt[keep], yt[keep]
+    return x, xt, yt
+
+
+def _model(lib):
+    dense = [lib.layers.Dense(w, activation="relu") for w in WIDTHS]
+    return lib.Sequential([lib.Input((WINDOW,)), *dense, lib.layers.Dense(WINDOW)])
+
+
+def _fit(model, x, rate, epochs, batch, lib=None):
+    import keras
+
+    optimizer = (lib or keras).optimizers.Adam(rate)
+    model.compile(optimizer, "mse")
+    model.fit(x, x, epochs=epochs, batch_size=batch, verbose=0)
+    return model
+
+
+def _representative(calib):
+    return lambda: ([sample[None]] for sample in calib)
+
+
+def _keras_litert(model, calib):
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.tflite")
+        model.export(
+            path,
+            format="litert",
+            verbose=False,
+            optimizations=[tf.lite.Optimize.DEFAULT],
+            representative_dataset=_representative(calib),
+        )
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def _plain_converter(model, calib):
+    from benchmarks.conversion import plain_convert
+
+    return plain_convert(model, calib)
+
+
+def tflm_outputs(tflite, x):
+    """The model's float outputs for `x`, run in TFLite Micro."""
+    from keras_microtune.export import _tflite, runtimes
+    from keras_microtune.export.evaluate import EVAL_ARENA_BYTES
+
+    info = _tflite.parse(tflite)
+    ins, outs = runtimes.io_details(tflite, info=info)
+    raw = runtimes.tflm_run(
+        tflite, [runtimes.quantize(x, ins[0])], EVAL_ARENA_BYTES, info=info
+    )
+    return runtimes.dequantize(raw[0], outs[0])
+
+
+def auc(tflite, xt, yt):
+    from sklearn.metrics import roc_auc_score
+
+    error = ((tflm_outputs(tflite, xt) - xt) ** 2).mean(axis=1)
+    return 100.0 * roc_auc_score(yt, error)
+
+
+def _why(error):
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:110]}"
+
+
+def run(seed, tiny):
+    import keras
+    import tf_keras
+
+    import keras_microtune as kmt
+    from keras_microtune.optimize import tfmot_bridge
+
+    x, xt, yt = load(tiny)
+    rate, epochs, batch = FIT
+    qat_epochs = QAT_EPOCHS
+    if tiny:
+        epochs, qat_epochs = 2, 1
+    keras.utils.set_random_seed(seed)
+    model = _fit(_model(keras), x, rate, epochs, batch)
+    calib = x[::4][:300]
+    cells = {}  # row -> (AUC %, flatbuffer bytes) or (None, why)
+
+    def score(row, make):
+        try:
+            made = make()
+            tflite = made.tflite if hasattr(made, "tflite") else made
+        except Exception as error:  # the row says why it has no number
+            cells[row] = (None, _why(error))
+            return None
+        try:
+            cells[row] = (auc(tflite, xt, yt), len(tflite))
+        except Exception as error:
+            cells[row] = (None, "does not run in TFLite Micro: " + _why(error))
+        return made
+
+    score("float", lambda: kmt.convert(model, "float32", verbose=0))
+    score("Keras LiteRT PTQ", lambda: _keras_litert(model, calib))
+    score("TFLiteConverter PTQ", lambda: _plain_converter(model, calib))
+    ptq = score("ours PTQ", lambda: kmt.convert(model, "mcu", calib, verbose=0))
+
+    def ours_qat():
+        wrapped = kmt.optimize.quantize_model(model)
+        _fit(wrapped, x, rate / 5, qat_epochs, batch)
+        return kmt.convert(kmt.optimize.strip(wrapped), "mcu", calib, verbose=0)
+
+    score("ours QAT", ours_qat)
+    auto = score(
+        'ours precision="auto"',
+        lambda: kmt.convert(model, "mcu", calib, precision="auto", verbose=0),
+    )
+
+    def tfmot_qat():
+        twin = _model(tf_keras)
+        twin.set_weights(model.get_weights())
+        wrapped = tfmot_bridge.quantize_model(twin)
+        _fit(wrapped, x, rate / 5, qat_epochs, batch, lib=tf_keras)
+        return _plain_converter(wrapped, calib)
+
+    score("tfmot QAT", tfmot_qat)
+    raised = {}
+    if auto is not None:
+        raised = {
+            k: v for k, v in (auto.report.get("precision") or {}).items() if v != "int8"
+        }
+    worst = None
+    if ptq is not None and ptq.report.get("layer_errors"):
+        first = ptq.report["layer_errors"][0]
+        worst = f"{first['layer']} {first['sqnr_db']:.1f} dB"
+    return cells, raised, worst, (len(x), len(xt), int(yt.sum()))
+
+
+def _cell(values):
+    numbers = [v[0] for v in values if v[0] is not None]
+    if len(numbers) < len(values):
+        return next(v[1] for v in values if v[0] is None)
+    if len(numbers) == 1:
+        return f"{numbers[0]:.2f}"
+    return f"{np.mean(numbers):.2f} ± {np.std(numbers):.2f}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="fast smoke run")
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args(argv)
+    seeds = 1 if args.tiny else args.seeds
+    start = time.perf_counter()
+    runs = [run(seed, args.tiny) for seed in range(seeds)]
+    cells = {row: [r[0][row] for r in runs] for row in ROWS}
+    base = cells["float"]
+    ptq_sizes = [c[1] for c in cells["ours PTQ"] if c[0] is not None]
+    train, test, positive = runs[0][3]
+    print(
+        f"autoencoder (KDD-TSAD 135): {train} train windows / {test} test windows "
+        f"({positive} anomalous), {seeds} seed(s), anomaly AUC (%) in TFLite Micro"
+    )
+    print("| model | row | AUC (%) | vs float (pt) | flatbuffer (B) |")
+    print("|---|---|---|---|---|")
+    for row in ROWS:
+        values = cells[row]
+        delta, size = "-", "-"
+        if all(v[0] is not None for v in values + base):
+            delta = f"{np.mean([v[0] - f[0] for v, f in zip(values, base)]):+.2f}"
+        if all(v[0] is not None for v in values):
+            mean_size = np.mean([v[1] for v in values])
+            size = f"{int(mean_size):,}"
+            if row == 'ours precision="auto"' and ptq_sizes:
+                size += f" ({mean_size / np.mean(ptq_sizes):.2f}x ours PTQ)"
+        print(f"| autoencoder | {row} | {_cell(values)} | {delta} | {size} |")
+    for seed, r in enumerate(runs):
+        print(
+            f"seed {seed}: worst ours-PTQ layer {r[2]}; "
+            f'precision="auto" raised {r[1] or "nothing"}'
+        )
+    print(f"\n{time.perf_counter() - start:.0f} s")
+    return cells
+
+
+if __name__ == "__main__":
+    main()
