@@ -210,3 +210,16 @@ def test_mobilenet_transfer_backbone_is_accurate_in_inference_mode_and_converts(
     result = kmt.convert(model, "mcu", representative_data=data["train"][0], verbose=0)
     int8 = kmt.evaluate(result, x[:200], y[:200], runtime="tflm")["accuracy"]
     assert int8 > 0.9, int8
+
+
+@pytest.mark.slow  # A benchmark's tiny run (about 35 s); `make bench` runs it in full.
+def test_compression_table():
+    out = _run("benchmarks.compression", "--tiny")
+    (digits,) = _table_rows(out, "digits CNN")
+    (ds_cnn,) = _table_rows(out, "ds_cnn")
+    for row in (digits, ds_cnn):
+        assert row.count("|") == 14, row
+    # The digits CNN's kernels are most of its file: lut4 shrinks it.
+    assert float(digits.split("|")[6]) < 0.7, digits
+    # ds_cnn's depthwise kernels are too small for per-channel tables.
+    assert "depthwise_conv_2d" in ds_cnn, ds_cnn
