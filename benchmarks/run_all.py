@@ -139,7 +139,7 @@ def run_table(module: str, tiny: bool, timeout: int | None = None) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
     with tempfile.TemporaryDirectory() as tmp:
         rows_path = os.path.join(tmp, "rows.json")
-        if module in ("conversion", "runtime_speed", "transfer"):
+        if module in ("compression", "conversion", "runtime_speed", "transfer"):
             cmd += ["--json", rows_path]
         start = time.perf_counter()
         proc = subprocess.run(

@@ -222,3 +222,16 @@ def test_ptq_autoencoder_table():
         cells = [c.strip() for c in row.strip("|").split("|")]
         # Every path converts and runs in TFLite Micro: an AUC, not a reason.
         assert 0.0 <= float(cells[2]) <= 100.0, row
+
+
+@pytest.mark.slow  # A benchmark's tiny run (about 35 s); `make bench` runs it in full.
+def test_compression_table():
+    out = _run("benchmarks.compression", "--tiny")
+    (digits,) = _table_rows(out, "digits CNN")
+    (ds_cnn,) = _table_rows(out, "ds_cnn")
+    for row in (digits, ds_cnn):
+        assert row.count("|") == 14, row
+    # The digits CNN's kernels are most of its file: lut4 shrinks it.
+    assert float(digits.split("|")[6]) < 0.7, digits
+    # ds_cnn's depthwise kernels are too small for per-channel tables.
+    assert "depthwise_conv_2d" in ds_cnn, ds_cnn

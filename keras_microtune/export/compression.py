@@ -162,7 +162,38 @@ def compress(tflite: bytes, chosen: list[dict]) -> bytes:
         )
         for entry in chosen
     ]
-    return bytes(lib(bytes(tflite), specs))
+    return _without_encoded_quantization(bytes(lib(bytes(tflite), specs)))
+
+
+def _without_encoded_quantization(data: bytes) -> bytes:
+    """Drop the quantization parameters left on DECODE's encoded inputs.
+
+    The compression library rewrites each compressed tensor as raw UINT8
+    indices and sets its quantization to None, but its flatbuffer writer keeps
+    the tensor's original parameters when the new value is None. So every
+    encoded tensor still carries the per-channel scales and int64 zero points
+    that its decoded copy carries again: 12 bytes per output channel (768 B
+    for a 64-channel kernel), enough to cancel lut4's savings on ds_cnn.
+    DECODE reads its inputs as raw bytes; the decoded tensor keeps the
+    parameters the consuming kernel uses.
+    """
+    schema = _tflite._schema()
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(data, 0))
+    decode = {
+        i
+        for i, code in enumerate(model.operatorCodes or [])
+        if code.customCode in (b"TFLM_DECODE", "TFLM_DECODE")
+    }
+    changed = False
+    for sub in model.subgraphs:
+        for op in sub.operators or []:
+            if op.opcodeIndex not in decode:
+                continue
+            for t in op.inputs:
+                if t >= 0 and sub.tensors[t].quantization is not None:
+                    sub.tensors[t].quantization = None
+                    changed = True
+    return _tflite.pack(model, len(data)) if changed else data
 
 
 def _check_inputs(tflite, info, x_check, samples=8):

@@ -153,3 +153,25 @@ def test_lut4_on_clustered_vww_mobilenet_v1_converts():
     report = result.report["compression"]
     assert report["bit_exact"] and report["size_ratio"] < 0.85
     assert result.parity["tflm_within_tolerance"]
+
+
+def test_encoded_tensors_carry_no_quantization(converted):
+    # Issue 19: tflite-micro's compression library sets an encoded tensor's
+    # quantization to None, but its writer keeps the original per-channel
+    # scales and int64 zero points, so each compressed kernel carried them
+    # twice (12 B per output channel) and lut4 left ds_cnn at 1.00x.
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    _, _, lut = converted
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(lut.tflite, 0))
+    decode = {
+        i for i, c in enumerate(model.operatorCodes) if c.customCode == b"TFLM_DECODE"
+    }
+    sub = model.subgraphs[0]
+    inputs = [t for op in sub.operators if op.opcodeIndex in decode for t in op.inputs]
+    assert inputs and all(sub.tensors[t].quantization is None for t in inputs)
+    report = lut.report["compression"]
+    saved = sum(t["bytes_before"] - t["bytes_after"] for t in report["tensors"])
+    shrink = report["size_bytes_before"] - report["size_bytes_after"]
+    # Each compressed tensor adds a DECODE op and two tensor entries, no more.
+    assert shrink >= saved - 200 * len(report["tensors"])
