@@ -1,6 +1,7 @@
 """Where plain PTQ int8 hurts: every int8 path, scored in TFLite Micro.
 
-Two trained models on bundled data:
+Three trained models on bundled data (the autoencoder's rows come from
+`benchmarks/ptq_autoencoder.py`, scored by anomaly AUC):
 
 - mobilenetv3: `keras.applications.MobileNetV3Small(alpha=0.5)` (hard-swish,
   squeeze-excite; random init) on scikit-learn's digits resized to 32x32x3
@@ -300,6 +301,16 @@ def size_ratio(cells):
     return float(np.mean(sizes)) if sizes else None
 
 
+def _summary(cells):
+    summary = {}
+    for row in ROWS:
+        values = cells[row]
+        ok = all(v[0] is not None for v in values)
+        summary[row] = [v[0] for v in values] if ok else None
+    summary["auto size"] = size_ratio(cells)
+    return summary
+
+
 def reading(summary):
     """Targets met or not, per model, from the mean over seeds."""
     parts = []
@@ -335,7 +346,8 @@ def reading(summary):
 
 
 CONTEXT = (
-    "Accuracies are means over seeds of each model's own TFLite Micro run; "
+    "Accuracies (the autoencoder: anomaly AUC, in points) are means over "
+    "seeds of each model's own TFLite Micro run; "
     "'vs float' is against the same seed's float model (the Keras model where "
     "the float .tflite has an op TFLite Micro lacks). Keras' own LiteRT export "
     "and the plain TFLiteConverter keep ops TFLite Micro has no kernel for "
@@ -354,9 +366,19 @@ CONTEXT = (
 )
 
 
-def main(tiny=False, seeds=None, tasks=tuple(TASKS), json_path=None):
+ALL_TASKS = (*TASKS, "autoencoder")
+
+
+def main(tiny=False, seeds=None, tasks=ALL_TASKS, json_path=None):
     results, summary = {}, {}
     for name in tasks:
+        if name == "autoencoder":  # Its own script: benchmarks/ptq_autoencoder.py
+            from benchmarks import ptq_autoencoder
+
+            print()
+            argv = ["--tiny"] if tiny else [f"--seeds={seeds}"] if seeds else []
+            summary[name] = _summary(ptq_autoencoder.main(argv))
+            continue
         n_seeds = 1 if tiny else seeds or TASKS[name][-1]
         runs = [run_task(name, seed, tiny) for seed in range(n_seeds)]
         results[name] = runs
@@ -381,13 +403,7 @@ def main(tiny=False, seeds=None, tasks=tuple(TASKS), json_path=None):
                 if row == 'ours precision="auto"' and ptq_size:
                     size += f" ({np.mean([v[1] for v in values]) / ptq_size:.2f}x)"
             print(f"| {name} | {row} | {_cell(values)} | {delta} | {size} |")
-        summary[name] = {
-            row: [v[0] for v in cells[row]]
-            if all(v[0] is not None for v in cells[row])
-            else None
-            for row in ROWS
-        }
-        summary[name]["auto size"] = size_ratio(cells)
+        summary[name] = _summary(cells)
         for seed, run in enumerate(runs):
             print(
                 f"seed {seed}: worst ours-PTQ layer {run[2]}; "
@@ -408,7 +424,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="fast smoke run")
     parser.add_argument("--seeds", type=int, help="seeds per model (default: 2, 3)")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument(
+        "--tasks", nargs="+", default=list(ALL_TASKS), choices=list(ALL_TASKS)
+    )
     parser.add_argument("--json", help="also write the summary and reading here")
     args = parser.parse_args()
     main(args.tiny, args.seeds, args.tasks, args.json)

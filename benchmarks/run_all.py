@@ -96,6 +96,14 @@ TABLES = (
         "TensorFlow child process, which its convert time includes.",
     ),
 )
+# Tables whose script computes its own reading (`--json`).
+JSON_READING = (
+    "compression",
+    "conversion",
+    "quantization",
+    "runtime_speed",
+    "transfer",
+)
 _NOISE = (
     "fully_quantize:",
     "INFO: ",
@@ -139,8 +147,7 @@ def run_table(module: str, tiny: bool, timeout: int | None = None) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
     with tempfile.TemporaryDirectory() as tmp:
         rows_path = os.path.join(tmp, "rows.json")
-        tables = ("compression", "conversion", "quantization", "runtime_speed")
-        if module in (*tables, "transfer"):
+        if module in JSON_READING:
             cmd += ["--json", rows_path]
         start = time.perf_counter()
         proc = subprocess.run(
