@@ -84,9 +84,12 @@ def test_only_replaces_the_named_tables_in_an_existing_file():
 @pytest.mark.skipif(not _exists("quantization"), reason="not written yet")
 @pytest.mark.slow  # A benchmark's tiny run; `make bench` runs it in full.
 def test_quantization_table():
+    from benchmarks.quantization import ROWS, TASKS
+
     out = _run("benchmarks.quantization", "--tiny")
-    for name in ("float", "PTQ int8", "ours QAT int8", "tfmot QAT int8"):
-        assert len(_table_rows(out, name)) == 1, out
+    for task in TASKS:
+        for name in ROWS:
+            assert len(_table_rows(out, f"{task} | {name} |")) == 1, out
 
 
 def test_transfer_table(tmp_path):

@@ -199,9 +199,14 @@ def _quantize_graph(model, unsupported, sparse, quantize_inputs):
         if category is None and unsupported == "raise":
             raise _unsupported_error(layer)
         if id(layer) not in built:
-            shape = keras.tree.map_structure(lambda t: t.shape, x)
-            built[id(layer)] = graph.clone_layer(layer, shape)
-        out = built[id(layer)](*args, **kwargs)
+            # Built by its first call, so layers whose build takes more than
+            # the first input's shape (MultiHeadAttention) clone too.
+            built[id(layer)] = layer.__class__.from_config(layer.get_config())
+            out = built[id(layer)](*args, **kwargs)
+            built[id(layer)].set_weights(layer.get_weights())
+            built[id(layer)].trainable = layer.trainable
+        else:
+            out = built[id(layer)](*args, **kwargs)
         if category in ("requantize", None):
             out = ActivationQuantizer(name=f"{layer.name}_quantizer")(out)
         return out

@@ -182,6 +182,22 @@ def test_unsupported_layer_left_in_float(rng, tools):
     _check_int8(tools, qat, data[:4])
 
 
+def test_unsupported_multi_input_layer_left_in_float(rng):
+    # MultiHeadAttention's build needs the query and value shapes: the float
+    # copy is built by its first call and keeps the trained weights.
+    inputs = keras.Input((5, 4))
+    x = L.MultiHeadAttention(2, 2, name="mha")(inputs, inputs)
+    model = keras.Model(inputs, _head(L.LayerNormalization(name="ln")(x)))
+    qat = kmt.optimize.quantize_model(model, unsupported="float")
+    for a, b in zip(
+        qat.get_layer("mha").get_weights(), model.get_layer("mha").get_weights()
+    ):
+        np.testing.assert_array_equal(a, b)
+    data = rng.normal(size=(16, 5, 4)).astype("float32")
+    _fit(qat, data)
+    assert np.isfinite(keras.ops.convert_to_numpy(qat(data))).all()
+
+
 def test_not_a_model():
     with pytest.raises(TypeError, match="Received: model of type Dense"):
         kmt.optimize.quantize_model(L.Dense(3))
