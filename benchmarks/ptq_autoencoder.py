@@ -35,7 +35,6 @@ many times (mean ± spread).
 import argparse
 import os
 import tempfile
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -225,7 +224,6 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args(argv)
     seeds = 1 if args.tiny else args.seeds
-    start = time.perf_counter()
     runs = [run(seed, args.tiny) for seed in range(seeds)]
     cells = {row: [r[0][row] for r in runs] for row in ROWS}
     base = cells["float"]
@@ -253,7 +251,6 @@ def main(argv=None):
             f"seed {seed}: worst ours-PTQ layer {r[2]}; "
             f'precision="auto" raised {r[1] or "nothing"}'
         )
-    print(f"\n{time.perf_counter() - start:.0f} s")
     return cells
 
 
