@@ -11,18 +11,9 @@ score is the ROC AUC (`sklearn.metrics.roc_auc_score`) of windows that
 overlap the anomaly against the rest (every other test window: 3,719, 38
 positive).
 
-Rows, each converted model run in the TFLite Micro interpreter:
+Rows: table 3's (`benchmarks.quantization.ROWS`, described there), each
+converted model run in the TFLite Micro interpreter; one differs here:
 
-- float: `kmt.convert(model, "float32")`;
-- Keras LiteRT PTQ: Keras' own `model.export(format="litert",
-  optimizations=[DEFAULT], representative_dataset=...)` (its defaults:
-  float input/output, SELECT_TF_OPS allowed);
-- TFLiteConverter PTQ: plain `tf.lite.TFLiteConverter`, full int8
-  (TFLITE_BUILTINS_INT8, int8 input/output);
-- ours PTQ: `kmt.convert(model, "mcu", representative_data=...)`;
-- ours QAT: `kmt.optimize.quantize_model(model)`, fine-tuned, stripped,
-  then `kmt.convert(..., "mcu")`;
-- ours auto: `kmt.convert(..., precision="auto")`;
 - tfmot QAT: `tfmot.quantization.keras.quantize_model` on the tf_keras twin
   (same weights, same fine-tuning), converted by the plain converter.
 
@@ -34,25 +25,17 @@ many times (mean ± spread).
 
 import argparse
 import os
-import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
+from benchmarks.quantization import ROWS, keras_litert  # noqa: E402
+
 WINDOW = 64
 WIDTHS = (32, 8, 32)
 FIT = (1e-3, 60, 32)  # Adam rate, epochs, batch
 QAT_EPOCHS = 5
-ROWS = (
-    "float",
-    "Keras LiteRT PTQ",
-    "TFLiteConverter PTQ",
-    "ours PTQ",
-    "ours QAT",
-    'ours precision="auto"',
-    "tfmot QAT",
-)
 
 
 def load(tiny=False):
@@ -90,26 +73,6 @@ def _fit(model, x, rate, epochs, batch, lib=None):
     model.compile(optimizer, "mse")
     model.fit(x, x, epochs=epochs, batch_size=batch, verbose=0)
     return model
-
-
-def _representative(calib):
-    return lambda: ([sample[None]] for sample in calib)
-
-
-def _keras_litert(model, calib):
-    import tensorflow as tf
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.tflite")
-        model.export(
-            path,
-            format="litert",
-            verbose=False,
-            optimizations=[tf.lite.Optimize.DEFAULT],
-            representative_dataset=_representative(calib),
-        )
-        with open(path, "rb") as f:
-            return f.read()
 
 
 def _plain_converter(model, calib):
@@ -174,7 +137,7 @@ def run(seed, tiny):
         return made
 
     score("float", lambda: kmt.convert(model, "float32", verbose=0))
-    score("Keras LiteRT PTQ", lambda: _keras_litert(model, calib))
+    score("Keras LiteRT PTQ", lambda: keras_litert(model, calib))
     score("TFLiteConverter PTQ", lambda: _plain_converter(model, calib))
     ptq = score("ours PTQ", lambda: kmt.convert(model, "mcu", calib, verbose=0))
 

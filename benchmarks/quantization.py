@@ -140,7 +140,8 @@ def _representative(calib):
     return lambda: ([sample[None]] for sample in calib)
 
 
-def _keras_litert(model, calib):
+def keras_litert(model, calib):
+    """Keras' own `model.export(format="litert")` PTQ, calibrated on `calib`."""
     import tensorflow as tf
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -251,7 +252,7 @@ def run_task(name, seed, tiny):
         # (GELU): the reference is then the Keras model itself.
         acc = kmt.evaluate(model, xt, yt)["accuracy"]
         cells["float"] = (100 * acc, None, "Keras; float .tflite " + cells["float"][1])
-    score("Keras LiteRT PTQ", lambda: _keras_litert(model, calib))
+    score("Keras LiteRT PTQ", lambda: keras_litert(model, calib))
     score("TFLiteConverter PTQ", lambda: _plain_converter(model, calib))
     ptq = score("ours PTQ", lambda: kmt.convert(model, "mcu", calib, verbose=0))
 
