@@ -26,15 +26,30 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 TINY_MODELS = ("ds_cnn", "four_stages")
 
 
-def plain_convert(model, x):
-    """The hand-written full-int8 conversion from TensorFlow's guide."""
+def plain_convert(model, x, fixed_batch=False):
+    """The hand-written full-int8 conversion from TensorFlow's guide.
+
+    `fixed_batch=True` converts a batch-1 `tf.function` of the model
+    (`from_concrete_functions`, variables frozen without a SavedModel)
+    instead of `from_keras_model`: a model with MultiHeadAttention then has
+    no dynamic-batch ops (REDUCE_PROD, ...) that TFLite Micro cannot run,
+    and a tf_keras model converts the same way (table 3).
+    """
     import tensorflow as tf
 
     def representative():
         for i in range(len(x)):
             yield [x[i : i + 1]]
 
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if fixed_batch:
+        spec = tf.TensorSpec((1, *x.shape[1:]), tf.float32)
+        fn = tf.function(lambda inputs: model(inputs, training=False))
+        converter = tf.lite.TFLiteConverter.from_concrete_functions(
+            [fn.get_concrete_function(spec)], model
+        )
+        converter.experimental_lower_to_saved_model = False
+    else:
+        converter = tf.lite.TFLiteConverter.from_keras_model(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]

@@ -30,7 +30,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from benchmarks.quantization import ROWS, keras_litert  # noqa: E402
+from benchmarks.quantization import (  # noqa: E402
+    ROWS,
+    keras_litert,
+    plain_converter,
+    print_rows,
+    why,
+)
 
 WINDOW = 64
 WIDTHS = (32, 8, 32)
@@ -75,12 +81,6 @@ def _fit(model, x, rate, epochs, batch, lib=None):
     return model
 
 
-def _plain_converter(model, calib):
-    from benchmarks.conversion import plain_convert
-
-    return plain_convert(model, calib)
-
-
 def tflm_outputs(tflite, x):
     """The model's float outputs for `x`, run in TFLite Micro."""
     from keras_microtune.export import _tflite, runtimes
@@ -99,11 +99,6 @@ def auc(tflite, xt, yt):
 
     error = ((tflm_outputs(tflite, xt) - xt) ** 2).mean(axis=1)
     return 100.0 * roc_auc_score(yt, error)
-
-
-def _why(error):
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:110]}"
 
 
 def run(seed, tiny):
@@ -128,17 +123,17 @@ def run(seed, tiny):
             made = make()
             tflite = made.tflite if hasattr(made, "tflite") else made
         except Exception as error:  # the row says why it has no number
-            cells[row] = (None, _why(error))
+            cells[row] = (None, why(error))
             return None
         try:
             cells[row] = (auc(tflite, xt, yt), len(tflite))
         except Exception as error:
-            cells[row] = (None, "does not run in TFLite Micro: " + _why(error))
+            cells[row] = (None, "does not run in TFLite Micro: " + why(error))
         return made
 
     score("float", lambda: kmt.convert(model, "float32", verbose=0))
     score("Keras LiteRT PTQ", lambda: keras_litert(model, calib))
-    score("TFLiteConverter PTQ", lambda: _plain_converter(model, calib))
+    score("TFLiteConverter PTQ", lambda: plain_converter(model, calib))
     ptq = score("ours PTQ", lambda: kmt.convert(model, "mcu", calib, verbose=0))
 
     def ours_qat():
@@ -157,7 +152,7 @@ def run(seed, tiny):
         twin.set_weights(model.get_weights())
         wrapped = tfmot_bridge.quantize_model(twin)
         _fit(wrapped, x, rate / 5, qat_epochs, batch, lib=tf_keras)
-        return _plain_converter(wrapped, calib)
+        return plain_converter(wrapped, calib)
 
     score("tfmot QAT", tfmot_qat)
     raised = {}
@@ -172,15 +167,6 @@ def run(seed, tiny):
     return cells, raised, worst, (len(x), len(xt), int(yt.sum()))
 
 
-def _cell(values):
-    numbers = [v[0] for v in values if v[0] is not None]
-    if len(numbers) < len(values):
-        return next(v[1] for v in values if v[0] is None)
-    if len(numbers) == 1:
-        return f"{numbers[0]:.2f}"
-    return f"{np.mean(numbers):.2f} ± {np.std(numbers):.2f}"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="fast smoke run")
@@ -189,31 +175,12 @@ def main(argv=None):
     seeds = 1 if args.tiny else args.seeds
     runs = [run(seed, args.tiny) for seed in range(seeds)]
     cells = {row: [r[0][row] for r in runs] for row in ROWS}
-    base = cells["float"]
-    ptq_sizes = [c[1] for c in cells["ours PTQ"] if c[0] is not None]
     train, test, positive = runs[0][3]
     print(
         f"autoencoder (KDD-TSAD 135): {train} train windows / {test} test windows "
         f"({positive} anomalous), {seeds} seed(s), anomaly AUC (%) in TFLite Micro"
     )
-    print("| model | row | AUC (%) | vs float (pt) | flatbuffer (B) |")
-    print("|---|---|---|---|---|")
-    for row in ROWS:
-        values = cells[row]
-        delta, size = "-", "-"
-        if all(v[0] is not None for v in values + base):
-            delta = f"{np.mean([v[0] - f[0] for v, f in zip(values, base)]):+.2f}"
-        if all(v[0] is not None for v in values):
-            mean_size = np.mean([v[1] for v in values])
-            size = f"{int(mean_size):,}"
-            if row == 'ours precision="auto"' and ptq_sizes:
-                size += f" ({mean_size / np.mean(ptq_sizes):.2f}x ours PTQ)"
-        print(f"| autoencoder | {row} | {_cell(values)} | {delta} | {size} |")
-    for seed, r in enumerate(runs):
-        print(
-            f"seed {seed}: worst ours-PTQ layer {r[2]}; "
-            f'precision="auto" raised {r[1] or "nothing"}'
-        )
+    print_rows("autoencoder", cells, "AUC (%)", runs)
     return cells
 
 

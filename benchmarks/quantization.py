@@ -157,24 +157,14 @@ def keras_litert(model, calib):
             return f.read()
 
 
-def _plain_converter(model, calib):
-    import tensorflow as tf
+def plain_converter(model, calib):
+    """Plain `tf.lite.TFLiteConverter` full int8, on a batch-1 function."""
+    from benchmarks.conversion import plain_convert
 
-    spec = tf.TensorSpec((1, *calib.shape[1:]), tf.float32)
-    fn = tf.function(lambda x: model(x, training=False))
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(
-        [fn.get_concrete_function(spec)], model
-    )
-    converter.experimental_lower_to_saved_model = False
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = _representative(calib)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.int8
-    converter.inference_output_type = tf.int8
-    return converter.convert()
+    return plain_convert(model, calib, fixed_batch=True)
 
 
-def _why(error):
+def why(error):
     """One short line: the op TFLite Micro lacks, or the layer refused."""
     import re
 
@@ -201,13 +191,13 @@ def _tfmot(builder, shape, classes, model, x, y, fit, qat_epochs):
     try:
         qat = tfmot_bridge.quantize_model(twin)
     except Exception as error:  # tfmot names the layer it has no config for
-        return None, "unsupported: " + _why(error)
+        return None, "unsupported: " + why(error)
     twin.set_weights(model.get_weights())
     qat = tfmot_bridge.quantize_model(twin)
     rate, _, batch = fit
     qat.compile(tf_keras.optimizers.Adam(rate / 6), "sparse_categorical_crossentropy")
     qat.fit(x, y, epochs=qat_epochs, batch_size=batch, verbose=0)
-    return _plain_converter(qat, x[:200]), None
+    return plain_converter(qat, x[:200]), None
 
 
 def run_task(name, seed, tiny):
@@ -230,18 +220,18 @@ def run_task(name, seed, tiny):
         try:
             made = make()
         except Exception as error:  # the row reports why it has no number
-            cells[row] = (None, _why(error))
+            cells[row] = (None, why(error))
             return None
         if isinstance(made, tuple):
-            made, why = made
+            made, reason = made
             if made is None:
-                cells[row] = (None, why)
+                cells[row] = (None, reason)
                 return None
         tflite = made.tflite if hasattr(made, "tflite") else made
         try:
             acc = kmt.evaluate(tflite, xt, yt, runtime="tflm")["accuracy"]
         except Exception as error:
-            cells[row] = (None, "does not run in TFLite Micro: " + _why(error))
+            cells[row] = (None, "does not run in TFLite Micro: " + why(error))
             return made
         cells[row] = (100 * acc, len(tflite), None)
         return made
@@ -253,7 +243,7 @@ def run_task(name, seed, tiny):
         acc = kmt.evaluate(model, xt, yt)["accuracy"]
         cells["float"] = (100 * acc, None, "Keras; float .tflite " + cells["float"][1])
     score("Keras LiteRT PTQ", lambda: keras_litert(model, calib))
-    score("TFLiteConverter PTQ", lambda: _plain_converter(model, calib))
+    score("TFLiteConverter PTQ", lambda: plain_converter(model, calib))
     ptq = score("ours PTQ", lambda: kmt.convert(model, "mcu", calib, verbose=0))
 
     def qat():
@@ -282,7 +272,8 @@ def run_task(name, seed, tiny):
     return cells, raised, worst, (len(x), len(xt))
 
 
-def _cell(values):
+def cell(values):
+    """Mean ± std over seeds of `(value, ...)` cells, or the first reason."""
     numbers = [v[0] for v in values if v[0] is not None]
     if len(numbers) < len(values):
         return next(v[1] for v in values if v[0] is None)
@@ -291,6 +282,32 @@ def _cell(values):
         text = f"{np.mean(numbers):.2f} ± {np.std(numbers):.2f}"
     notes = sorted({v[2] for v in values if len(v) > 2 and v[2]})
     return text + "".join(f" ({note})" for note in notes)
+
+
+def print_rows(name, cells, metric, runs):
+    """Table 3's rows for one model: `cells` is {row: [per-seed cell]},
+    `metric` the score column's label, `runs` each seed's
+    `(cells, raised, worst layer, ...)`."""
+    base = cells["float"]
+    ptq_sizes = [c[1] for c in cells["ours PTQ"] if c[0] is not None]
+    print(f"| model | row | {metric} | vs float (pt) | flatbuffer (B) |")
+    print("|---|---|---|---|---|")
+    for row in ROWS:
+        values = cells[row]
+        delta, size = "-", "-"
+        if all(v[0] is not None for v in values + base):
+            delta = f"{np.mean([v[0] - f[0] for v, f in zip(values, base)]):+.2f}"
+        if all(v[0] is not None and v[1] for v in values):
+            mean_size = np.mean([v[1] for v in values])
+            size = f"{int(mean_size):,}"
+            if row == 'ours precision="auto"' and ptq_sizes:
+                size += f" ({mean_size / np.mean(ptq_sizes):.2f}x ours PTQ)"
+        print(f"| {name} | {row} | {cell(values)} | {delta} | {size} |")
+    for seed, run in enumerate(runs):
+        print(
+            f"seed {seed}: worst ours-PTQ layer {run[2]}; "
+            f'precision="auto" raised {run[1] or "nothing"}'
+        )
 
 
 def size_ratio(cells):
@@ -384,32 +401,13 @@ def main(tiny=False, seeds=None, tasks=ALL_TASKS, json_path=None):
         runs = [run_task(name, seed, tiny) for seed in range(n_seeds)]
         results[name] = runs
         cells = {row: [run[0][row] for run in runs] for row in ROWS}
-        base = cells["float"]
-        ptq_size = np.mean([c[1] for c in cells["ours PTQ"] if c[0] is not None] or [0])
         train, test = runs[0][3]
         print(
             f"\n{name}: {train} train / {test} test, {n_seeds} seed(s), "
             "accuracy (%) in TFLite Micro"
         )
-        print("| model | row | accuracy (%) | vs float (pt) | flatbuffer (B) |")
-        print("|---|---|---|---|---|")
-        for row in ROWS:
-            values = cells[row]
-            delta, size = "-", "-"
-            if all(v[0] is not None for v in values + base):
-                gaps = [v[0] - f[0] for v, f in zip(values, base)]
-                delta = f"{np.mean(gaps):+.2f}"
-            if all(v[0] is not None and v[1] for v in values):
-                size = f"{int(np.mean([v[1] for v in values])):,}"
-                if row == 'ours precision="auto"' and ptq_size:
-                    size += f" ({np.mean([v[1] for v in values]) / ptq_size:.2f}x)"
-            print(f"| {name} | {row} | {_cell(values)} | {delta} | {size} |")
+        print_rows(name, cells, "accuracy (%)", runs)
         summary[name] = _summary(cells)
-        for seed, run in enumerate(runs):
-            print(
-                f"seed {seed}: worst ours-PTQ layer {run[2]}; "
-                f'precision="auto" raised {run[1] or "nothing"}'
-            )
     read = reading(summary)
     if not json_path:  # `run_all` prints the reading under the table itself.
         print(f"\n{read}")

@@ -225,6 +225,9 @@ def test_ptq_autoencoder_table():
         cells = [c.strip() for c in row.strip("|").split("|")]
         # Every path converts and runs in TFLite Micro: an AUC, not a reason.
         assert 0.0 <= float(cells[2]) <= 100.0, row
+        if name == 'ours precision="auto"':  # `quantization.print_rows`' size.
+            size, ratio = cells[4].split(" (")
+            assert int(size.replace(",", "")) > 0 and ratio.endswith("x ours PTQ)")
 
 
 @pytest.mark.slow  # A benchmark's tiny run (about 35 s); `make bench` runs it in full.
