@@ -235,9 +235,11 @@ def plan(model) -> list[Lowering]:
     if flatten is None:  # A SavedModel signature: nothing to rewrite.
         return []
     from keras_microtune.optimize.quantize_conv import QuantizeConv
+    from keras_microtune.optimize.quantize_norm import QuantizeLayerNorm
 
     layers = list(flatten(include_self=False, recursive=True))
-    wrapped = {id(x.layer) for x in layers if isinstance(x, QuantizeConv)}
+    wrappers = (QuantizeConv, QuantizeLayerNorm)  # They compute the layer.
+    wrapped = {id(x.layer) for x in layers if isinstance(x, wrappers)}
     lowerings = []
     for layer in layers:
         if id(layer) in wrapped:  # Its QuantizeConv applies the activation.

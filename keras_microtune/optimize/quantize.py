@@ -11,6 +11,9 @@ type. Categories:
 - `"passthrough"`: int8 in, same scale out (pooling, reshapes, dropout).
 - `"fixed"`: TFLite fixes the int8 output scale (softmax, sigmoid, tanh).
 - `"stage"`: a keras_microtune stage, rewritten by `quantize_stages`.
+- `"norm"`: a last-axis LayerNormalization, wrapped in `QuantizeLayerNorm`
+  (fake quantizers on the inner tensors of the int8 form `kmt.convert`
+  lowers it to); any other LayerNormalization is unsupported.
 
 Hooks for schedules live in `optimize/hooks.py`.
 """
@@ -20,7 +23,9 @@ import keras
 from keras_microtune.layers import EmbeddingStage, FeatureStage, MicroTune, OutputStage
 from keras_microtune.optimize import cluster, graph, prune, tfmot_bridge
 from keras_microtune.optimize import quantize_stages as stages
+from keras_microtune.optimize.graph import clone_layer
 from keras_microtune.optimize.quantize_conv import kind_of
+from keras_microtune.optimize.quantize_norm import QuantizeLayerNorm, supports
 from keras_microtune.optimize.quantizers import (
     ActivationQuantizer,
 )
@@ -57,6 +62,7 @@ QUANTIZE_REGISTRY = {
     L.ZeroPadding1D: "passthrough",
     L.ZeroPadding2D: "passthrough",
     L.Softmax: "fixed",
+    L.LayerNormalization: "norm",
     FeatureStage: "stage",
     EmbeddingStage: "stage",
     OutputStage: "stage",
@@ -191,6 +197,14 @@ def _quantize_graph(model, unsupported, sparse, quantize_inputs):
         if category == "conv":
             bn, act = plan.get(id(layer), (None, None))
             return stages.quantize_conv(layer, x, bn, act, sparse=sparse)
+        if category == "norm" and supports(layer, len(x.shape)):
+            norm = QuantizeLayerNorm(
+                clone_layer(layer, x.shape), name=f"quant_{layer.name}"
+            )
+            norm.trainable = layer.trainable
+            return norm(x)
+        if category == "norm":  # Another axis or rms_scaling: no int8 form.
+            category = None
         if category == "stage":
             rewrite = STAGE_REWRITES[
                 next(c for c in type(layer).__mro__ if c in STAGE_REWRITES)

@@ -155,14 +155,49 @@ def test_input_model_unchanged(rng):
 
 
 def test_unsupported_layer_raises_with_advice():
-    inputs = keras.Input((6,))
-    model = keras.Model(inputs, _head(L.LayerNormalization(name="ln")(inputs)))
+    # A LayerNormalization over another axis than the last has no int8 form.
+    inputs = keras.Input((4, 6))
+    model = keras.Model(inputs, _head(L.LayerNormalization(1, name="ln")(inputs)))
     with pytest.raises(
         ValueError, match="layer 'ln' of type LayerNormalization.*unsupported='float'"
     ):
         kmt.optimize.quantize_model(model)
     with pytest.raises(ValueError, match="Received: unsupported='skip'"):
         kmt.optimize.quantize_model(model, unsupported="skip")
+
+
+def test_layer_norm_simulates_tflite_micro_int8(rng, tools):
+    from keras_microtune.optimize.quantize_norm import QuantizeLayerNorm
+
+    inputs = keras.Input((5, 8))
+    model = keras.Model(
+        inputs, L.LayerNormalization(name="ln")(L.Dense(8, name="embed")(inputs))
+    )
+    qat = kmt.optimize.quantize_model(model)  # Supported: no unsupported='float'.
+    norm = qat.get_layer("quant_ln")
+    assert isinstance(norm, QuantizeLayerNorm)
+    # Tokens whose spreads differ 6x: int8 rounding of the deviation matters.
+    spread = np.geomspace(0.5, 3.0, 5)[None, :, None]
+    data = (rng.normal(size=(48, 5, 8)) * spread).astype("float32")
+    qat.compile("adam", "mse")
+    qat.fit(data, data, epochs=2, batch_size=16, verbose=0)
+    # Every inner tensor has a fake-quant range: full int8 without calibration.
+    tflite = tools.to_int8(qat)
+    assert "L2_NORMALIZATION" in tools.op_names(tflite)
+    assert "DEQUANTIZE" not in tools.op_names(tflite)
+    micro, scale = tools.run_tflm(tflite, data[:8])
+    simulated = keras.ops.convert_to_numpy(qat(data[:8]))
+    # Float LayerNorm on the same int8 input (what QAT simulated before):
+    # TFLite Micro is further from it than from the simulated int8 form.
+    embedded = keras.Model(qat.inputs, qat.get_layer("quant_embed").output)(data[:8])
+    float_norm = norm.output_quantizer(norm.layer(embedded))
+    float_norm = keras.ops.convert_to_numpy(float_norm)
+    error = np.abs(micro - simulated).mean() / scale
+    assert error < 0.7 * np.abs(micro - float_norm).mean() / scale, error
+    assert error < 1.0, error  # Steps of the output scale, on average.
+    result = kmt.convert(qat, "mcu", verbose=0)  # No representative_data.
+    assert "DEQUANTIZE" not in result.ops and "L2_NORMALIZATION" in result.ops
+    assert not result.report.get("lowering", {}).get("layers")  # Not lowered twice.
 
 
 def test_standalone_batch_norm_explains():
