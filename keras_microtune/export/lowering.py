@@ -242,7 +242,7 @@ def plan(model) -> list[Lowering]:
     wrapped = {id(x.layer) for x in layers if isinstance(x, wrappers)}
     lowerings = []
     for layer in layers:
-        if id(layer) in wrapped:  # Its QuantizeConv applies the activation.
+        if id(layer) in wrapped:  # Its QAT wrapper computes it.
             continue
         low = _lowering_of(layer)
         if low is not None:

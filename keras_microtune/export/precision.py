@@ -45,7 +45,10 @@ KERNELS = {
     "Add": ("ADD", _BOTH),
     "Multiply": ("MUL", _BOTH),
     "Concatenate": ("CONCATENATION", _BOTH),
-    "LayerNormalization": ("MEAN/RSQRT", ("float32",)),
+    # Lowered to MEAN/SUB/CONCATENATION/L2_NORMALIZATION (`lowering`):
+    # TFLite Micro's L2_NORMALIZATION runs float32 and int8 only (its
+    # Prepare refuses int16), so no int16 LayerNorm.
+    "LayerNormalization": ("L2_NORMALIZATION", ("float32",)),
 }
 # Activations (of an Activation layer, or fused into Dense/Conv): their op.
 ACTIVATIONS = {

@@ -35,8 +35,8 @@ def supports(layer, ndims=None):
     if not isinstance(layer, keras.layers.LayerNormalization) or layer.rms_scaling:
         return False
     axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
-    if ndims is None:
-        return axes == [-1]
+    if ndims is None:  # Rank not known yet: one axis (`build` checks it).
+        return len(axes) == 1
     return [a % ndims for a in axes] == [ndims - 1]
 
 
@@ -73,14 +73,7 @@ class QuantizeLayerNorm(keras.layers.Layer):
         super().__init__(**kwargs)
         if isinstance(layer, dict):
             layer = keras.saving.deserialize_keras_object(layer)
-        if not supports(layer):
-            raise ValueError(
-                "QuantizeLayerNorm wraps a LayerNormalization over the last axis "
-                f"(axis=-1) without rms_scaling. Received: layer={layer.name!r} "
-                f"({type(layer).__name__}, axis={getattr(layer, 'axis', None)!r}, "
-                f"rms_scaling={getattr(layer, 'rms_scaling', None)!r}). Keep it in "
-                "float with quantize_model(..., unsupported='float')."
-            )
+        self._check(layer)
         self.layer = layer
         self.quantizers = {
             name: ActivationQuantizer(name=f"{name}_quantizer") for name in _INNER
@@ -90,7 +83,19 @@ class QuantizeLayerNorm(keras.layers.Layer):
         )
         self.output_quantizer = ActivationQuantizer(name="output_quantizer")
 
+    @staticmethod
+    def _check(layer, ndims=None):
+        if not supports(layer, ndims):
+            raise ValueError(
+                "QuantizeLayerNorm wraps a LayerNormalization over the last axis "
+                f"(axis=-1) without rms_scaling. Received: layer={layer.name!r} "
+                f"({type(layer).__name__}, axis={getattr(layer, 'axis', None)!r}, "
+                f"rms_scaling={getattr(layer, 'rms_scaling', None)!r}). Keep it in "
+                "float with quantize_model(..., unsupported='float')."
+            )
+
     def build(self, input_shape):
+        self._check(self.layer, len(input_shape))
         if not self.layer.built:
             self.layer.build(input_shape)
         for quantizer in (*self.quantizers.values(), self.l2_quantizer):

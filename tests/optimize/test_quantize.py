@@ -176,6 +176,9 @@ def test_layer_norm_simulates_tflite_micro_int8(rng, tools):
     qat = kmt.optimize.quantize_model(model)  # Supported: no unsupported='float'.
     norm = qat.get_layer("quant_ln")
     assert isinstance(norm, QuantizeLayerNorm)
+    last = keras.Model(inputs, L.LayerNormalization(2, name="ln2")(inputs))
+    wrapped = kmt.optimize.quantize_model(last).get_layer("quant_ln2")
+    assert isinstance(wrapped, QuantizeLayerNorm)  # axis=2 is the last axis.
     # Tokens whose spreads differ 6x: int8 rounding of the deviation matters.
     spread = np.geomspace(0.5, 3.0, 5)[None, :, None]
     data = (rng.normal(size=(48, 5, 8)) * spread).astype("float32")
