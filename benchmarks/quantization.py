@@ -9,7 +9,10 @@ Three trained models on bundled data (the autoencoder's rows come from
 - transformer: the one-block tiny transformer of `examples/tiny_transformer.py`
   (MultiHeadAttention, LayerNormalization, GELU feed-forward; width 16) on
   aeon's bundled ItalyPowerDemand (24 hourly loads, 2 classes; 67 train /
-  1029 test: one sample is 0.1 points). On BasicMotions (table 8) every int8
+  1029 test: one sample is 0.1 points), each step with its position in
+  [-1, 1] as a second channel (`with_position`: without it attention and
+  average pooling see only the set of loads, not their order, and the float
+  model stays at 67%). On BasicMotions (table 8) every int8
   path scores 100% on its 40 test sequences: nothing to tell apart.
 
 Rows, each converted model run in the TFLite Micro interpreter on the test
@@ -22,9 +25,10 @@ set (`kmt.evaluate(..., runtime="tflm")`):
 - TFLiteConverter PTQ: plain `tf.lite.TFLiteConverter`, full int8
   (TFLITE_BUILTINS_INT8, int8 input/output);
 - ours PTQ: `kmt.convert(model, "mcu", representative_data=...)`;
-- ours QAT: `kmt.optimize.quantize_model(model, unsupported="float")` (the
-  layers it has no QAT wrapper for, e.g. hard-swish `Activation`,
-  LayerNormalization, MultiHeadAttention, keep float weights with their
+- ours QAT: `kmt.optimize.quantize_model(model, unsupported="float")`
+  (LayerNormalization trains through the int8 form TFLite Micro runs,
+  `QuantizeLayerNorm`; the layers it has no QAT wrapper for, hard-swish
+  `Activation` and MultiHeadAttention, keep float weights with their
   outputs fake-quantized), fine-tuned, then `kmt.convert(..., "mcu")`;
 - ours auto: `kmt.convert(..., precision="auto")` (int16x8 / float32 for
   the most sensitive layers, within 10% more flash);
@@ -75,11 +79,20 @@ def _digits32(tiny):
     return x_train, y_train.astype("int32"), x_test, y_test.astype("int32")
 
 
+def with_position(x):
+    """`x` (samples, steps, channels) with the step's position in [-1, 1]
+    as one more channel: attention and average pooling are blind to order,
+    so without it the transformer sees only the set of loads (67% float)."""
+    steps = np.linspace(-1.0, 1.0, x.shape[1], dtype="float32")[None, :, None]
+    return np.concatenate([x, np.broadcast_to(steps, (*x.shape[:2], 1))], axis=-1)
+
+
 def _italy(tiny):
     from benchmarks.transfer_tasks import _ucr
 
     x, y = _ucr("ItalyPowerDemand", "train", 24)
     xt, yt = _ucr("ItalyPowerDemand", "test", 24)
+    x, xt = with_position(x), with_position(xt)
     if tiny:
         return x, y, xt[:32], yt[:32]
     return x, y, xt, yt
@@ -371,13 +384,19 @@ CONTEXT = (
     "and the plain TFLiteConverter keep ops TFLite Micro has no kernel for "
     "(GELU; the first one it meets in Keras' export is a REDUCE_PROD), so "
     "their transformers do not run in TFLite Micro; `kmt.convert`'s does (it "
-    "lowers GELU before converting). Our QAT wraps Dense/Conv/pooling/Add but "
-    "leaves MultiHeadAttention, LayerNormalization and hard-swish `Activation` "
-    "in float with only their outputs fake-quantized (`unsupported='float'`): "
-    "fine-tuning never sees the int8 error inside attention and "
-    "LayerNormalization, where the per-layer error puts the worst layer "
-    "(norm2, every seed), the likely reason it closes only part of the "
-    "transformer's gap. tfmot rejects MultiHeadAttention, and tf_keras' "
+    "lowers GELU before converting). The transformer reads each step's "
+    "position as a second input channel (without it, attention and average "
+    "pooling see only the set of 24 loads and the float model stays near "
+    "67%). Our QAT wraps Dense/Conv/pooling/Add and LayerNormalization "
+    "(`QuantizeLayerNorm`: fake quantizers on the int8 mean, deviation, "
+    "L2_NORMALIZATION and scaled tensors TFLite Micro computes) but leaves "
+    "MultiHeadAttention and hard-swish `Activation` in float with only their "
+    "outputs fake-quantized (`unsupported='float'`). A LayerNorm divides by "
+    "each token's own spread, so it magnifies one-step roundings of its int8 "
+    "input: the worst ours-PTQ layer is a LayerNorm, and precision='auto' can "
+    "only make it float32 (TFLite Micro's L2_NORMALIZATION has no int16 "
+    "kernel), which does not undo the rounding of its int8 input. tfmot "
+    "rejects MultiHeadAttention, and tf_keras' "
     "MobileNetV3 builds hard-swish from TFOpLambda ops (x + 3) that tfmot "
     "cannot wrap. The digits MobileNetV3 loses nothing to PTQ (360 test "
     "images, one is 0.28 points): per-channel int8 PTQ is already enough there."
