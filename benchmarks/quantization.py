@@ -355,7 +355,7 @@ def reading(summary):
         text = f"{name}: ours PTQ {-gap:+.2f} pt vs float"
         if "ours QAT" in mean:
             qat = mean["ours QAT"] - float_acc
-            met = "met" if qat >= -0.3 else "NOT met"
+            met = "met" if qat >= -0.3 else f"NOT met, by {-0.3 - qat:.2f} pt"
             text += f"; QAT {qat:+.2f} pt (target >= -0.3: {met})"
         else:
             text += "; QAT did not run (target not met)"
@@ -369,7 +369,8 @@ def reading(summary):
             size = rows["auto size"]
             met = "met" if share >= 0.8 and size <= 1.10 else "NOT met"
             text += (
-                f'; precision="auto" recovers {100 * share:.0f}% of the gap at '
+                f'; precision="auto" recovers {100 * share:.0f}% of the '
+                f"{gap:.2f}-pt gap at "
                 f"{size:.2f}x flash (target >= 80% at <= 1.10x: {met})"
             )
         parts.append(text)
