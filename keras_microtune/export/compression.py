@@ -5,9 +5,12 @@ tables and decode it at run time with a `TFLM_DECODE` operator that its
 compression library inserts. A weight tensor fits when each table needs at
 most `2**bits` values: clustered models (`kmt.optimize.cluster_weights`) are
 built for this. A tensor whose int8 values number at most `2**bits` over the
-whole tensor gets one table (per tensor: `2**bits` bytes); else one table per
-output channel (axis 0, or the quantized dimension of per-channel int8
-tensors such as depthwise filters), when each channel fits.
+whole tensor gets one table (per tensor: `2**bits` bytes); else, if it is
+quantized per channel, one table per output channel (axis 0, or the quantized
+dimension, as for depthwise filters), when each channel fits. The DECODE
+kernel counts tables by the decoded tensor's quantization scales, so a kernel
+quantized per tensor (`convert(weight_quantization="per_tensor")`) takes one
+table or none: per-channel tables there decode wrongly.
 
 Per-tensor tables and the runtime: the TFLite Micro DECODE kernel shipped in
 the `tflite_micro` package (`DecodeStateLut::Setup`) ignores the table-axis
@@ -137,8 +140,10 @@ def plan(tflite: bytes, bits) -> tuple[list[dict], list[dict]]:
         per_channel = quant is not None and np.size(quant.scales) > 1
         # One table for the whole tensor (None) where its values fit, else one
         # per output channel. Per-tensor tables are written with stride 0
-        # (`_fix_decode_inputs`), which this runtime needs.
-        axes = [None, int(quant.axis or 0) if per_channel else 0]
+        # (`_fix_decode_inputs`), which this runtime needs. The DECODE kernel
+        # counts tables by the quantization scales, so a per-tensor quantized
+        # kernel can only have one table.
+        axes = [None] + ([int(quant.axis or 0)] if per_channel else [])
         for axis in axes:
             needed = _bits(max(len(t) for t in _tables(array, axis)))
             use = needed if bits == "auto" else bits
@@ -149,7 +154,12 @@ def plan(tflite: bytes, bits) -> tuple[list[dict], list[dict]]:
                 best = (size, axis, use)
         if best is None:
             values = max(len(t) for t in _tables(array, axes[-1]))
-            entry["reason"] = f"{values} values per table, more than 2**{bits}"
+            entry["reason"] = (
+                f"{values} values per table, more than 2**{bits}"
+                if per_channel
+                else f"{values} values in the tensor, more than 2**{bits} "
+                "(per-tensor quantized: one table for the whole tensor)"
+            )
             skipped.append(entry)
         elif best[0] >= entry["bytes_before"]:
             entry["reason"] = _NOT_SMALLER

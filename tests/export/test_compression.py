@@ -287,3 +287,32 @@ def test_per_tensor_weights_with_lut4_use_one_table_per_kernel():
             representative_data=x,
             weight_quantization="per_tensor",
         )
+
+
+def test_per_tensor_quantized_kernel_never_gets_per_channel_tables():
+    # BatchNorm folded into a kernel clustered per tensor scales each channel
+    # differently: more than 16 int8 values in the tensor. Per-channel tables
+    # on a per-tensor quantized kernel decode wrongly in TFLite Micro (one
+    # table per quantization scale), so such a kernel stays int8.
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 8))
+    x = keras.layers.Conv2D(32, 3, use_bias=False)(inputs)
+    bn = keras.layers.BatchNormalization()
+    x = keras.layers.Flatten()(bn(x))
+    model = keras.Model(inputs, keras.layers.Dense(4)(x))
+    bn.gamma.assign(np.linspace(0.2, 3.0, 32).astype("float32"))
+    clustered = kmt.optimize.cluster_weights(model, cluster_per_channel=False)
+    x = np.random.default_rng(0).random((16, 8, 8, 8)).astype("float32")
+    lut = kmt.convert(
+        kmt.optimize.strip_clustering(clustered),
+        "mcu",
+        representative_data=x,
+        compression="auto",
+        weight_quantization="per_tensor",
+        verbose=0,
+    )
+    report = lut.report["compression"]
+    (conv,) = [s for s in report["skipped"] if s["op"] == "CONV_2D"]
+    assert "per-tensor quantized" in conv["reason"]
+    assert [t["op"] for t in report["tensors"]] == ["FULLY_CONNECTED"]
+    assert report["bit_exact"]
