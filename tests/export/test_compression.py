@@ -316,3 +316,35 @@ def test_per_tensor_quantized_kernel_never_gets_per_channel_tables():
     assert "per-tensor quantized" in conv["reason"]
     assert [t["op"] for t in report["tensors"]] == ["FULLY_CONNECTED"]
     assert report["bit_exact"]
+
+
+def test_fold_batch_norm_then_per_tensor_clusters_reach_lut4_per_tensor():
+    # Folded first, a kernel clustered per tensor keeps 16 int8 values after
+    # conversion, so lut4 stores it with one table (and BatchNorm is gone).
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 8))
+    x = keras.layers.Conv2D(32, 3, use_bias=False)(inputs)
+    bn = keras.layers.BatchNormalization()
+    x = keras.layers.ReLU()(bn(x))
+    x = keras.layers.DepthwiseConv2D(3)(x)
+    x = keras.layers.BatchNormalization()(x)
+    model = keras.Model(inputs, keras.layers.Flatten()(x))
+    bn.gamma.assign(np.linspace(0.2, 3.0, 32).astype("float32"))
+    bn.moving_mean.assign(np.linspace(-1, 1, 32).astype("float32"))
+    x = np.random.default_rng(0).random((16, 8, 8, 8)).astype("float32")
+    folded = kmt.optimize.fold_batch_norm(model)
+    layers = kmt.callbacks._base.sublayers(folded)
+    assert not any(isinstance(la, keras.layers.BatchNormalization) for la in layers)
+    np.testing.assert_allclose(folded(x), model(x), rtol=1e-5, atol=1e-5)
+    clustered = kmt.optimize.cluster_weights(folded, cluster_per_channel=False)
+    lut = kmt.convert(
+        kmt.optimize.strip_clustering(clustered),
+        "mcu",
+        representative_data=x,
+        compression="lut4",
+        weight_quantization="per_tensor",
+        verbose=0,
+    )
+    tensors = lut.report["compression"]["tensors"]
+    assert [(t["op"], t["tables"]) for t in tensors] == [("CONV_2D", "per tensor")]
+    assert lut.report["compression"]["bit_exact"]
