@@ -301,6 +301,9 @@ def run_task(task, clusters=16, lut="lut4", routes=tuple(ROUTES)):
     out = []
     for route in routes:
         how = ROUTES[route]
+        # Each route from the same seed: its figures do not depend on which
+        # models and routes ran before it (fit shuffles draw from it).
+        keras.utils.set_random_seed(0)
         model = kmt.optimize.fold_batch_norm(task.model) if how["fold"] else task.model
         clustered = kmt.optimize.cluster_weights(
             model,
