@@ -230,14 +230,21 @@ def test_ptq_autoencoder_table():
             assert int(size.replace(",", "")) > 0 and ratio.endswith("x ours PTQ)")
 
 
-@pytest.mark.slow  # A benchmark's tiny run (about 35 s); `make bench` runs it in full.
+@pytest.mark.slow  # A benchmark's tiny run (about 110 s); `make bench` runs it in full.
 def test_compression_table():
     out = _run("benchmarks.compression", "--tiny")
-    (digits,) = _table_rows(out, "digits CNN")
-    (ds_cnn,) = _table_rows(out, "ds_cnn")
-    for row in (digits, ds_cnn):
-        assert row.count("|") == 14, row
+    digits = _table_rows(out, "digits CNN")
+    ds_cnn = _table_rows(out, "ds_cnn")
+    assert [r.split("|")[2].strip() for r in digits + ds_cnn] == [
+        "per-channel",
+        "per-tensor",
+    ] * 2
+    for row in digits + ds_cnn:
+        assert row.count("|") == 17, row
     # The digits CNN's kernels are most of its file: lut4 shrinks it.
-    assert float(digits.split("|")[6]) < 0.7, digits
-    # ds_cnn's depthwise kernels are too small for per-channel tables.
-    assert "depthwise_conv_2d" in ds_cnn, ds_cnn
+    assert float(digits[0].split("|")[8]) < 0.7, digits
+    # ds_cnn's depthwise kernels are too small for per-channel tables...
+    assert "depthwise_conv_2d" in ds_cnn[0], ds_cnn
+    # ...and fit one table per kernel: every kernel compressed per tensor.
+    count, per_tensor = ds_cnn[1].split("|")[10].split()
+    assert per_tensor == f"({count})" and int(count) >= 9, ds_cnn

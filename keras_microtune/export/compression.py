@@ -1,18 +1,36 @@
 """TFLite Micro weight compression: int8 weights stored as LUT indices.
 
 TFLite Micro can store a constant tensor as 1-7-bit indices into small value
-tables (one per output channel, or one per tensor) and decode it at run time
-with a `TFLM_DECODE` operator that its compression library inserts. A weight
-tensor fits when each table needs at most `2**bits` values: clustered models
-(`kmt.optimize.cluster_weights`) are built for this. Tables are always per
-output channel (axis 0, or the quantized dimension of per-channel int8
-tensors such as depthwise filters).
+tables and decode it at run time with a `TFLM_DECODE` operator that its
+compression library inserts. A weight tensor fits when each table needs at
+most `2**bits` values: clustered models (`kmt.optimize.cluster_weights`) are
+built for this. A tensor whose int8 values number at most `2**bits` over the
+whole tensor gets one table (per tensor: `2**bits` bytes); else, if it is
+quantized per channel, one table per output channel (axis 0, or the quantized
+dimension, as for depthwise filters), when each channel fits. The DECODE
+kernel counts tables by the decoded tensor's quantization scales, so a kernel
+quantized per tensor (`convert(weight_quantization="per_tensor")`) takes one
+table or none: per-channel tables there decode wrongly.
+
+Per-tensor tables and the runtime: the TFLite Micro DECODE kernel shipped in
+the `tflite_micro` package (`DecodeStateLut::Setup`) ignores the table-axis
+field of the ancillary data (`0xF` = one table) that the compression library
+writes; it takes the number of tables from the decoded tensor's quantization
+(one per output-channel scale) and steps through them by the stride in byte 6.
+The library writes the table length there, so on a per-channel quantized
+kernel every channel after the first reads past the one table: wrong weights
+(measured: up to 255 int8 steps of output error on a tiny conv model). This
+module writes stride 0 for per-tensor tables, so every channel reads the same
+table: bit-exact with the uncompressed model, and as read by a runtime that
+honours the axis field (one table, no stride).
 
 `apply(tflite, compression)` finds the CONV_2D, DEPTHWISE_CONV_2D,
-FULLY_CONNECTED and TRANSPOSE_CONV filters that fit and shrink, compresses
-them with `tflite_micro`'s compression library, checks in TFLite Micro that
-the outputs equal the uncompressed model's bit for bit, and measures the
-arena (decoded weights live in it) and the invoke time of both models.
+FULLY_CONNECTED and TRANSPOSE_CONV filters that fit and shrink (a tensor whose
+indices and table, plus the DECODE operator and tensors they add, are not
+smaller than its int8 data stays int8), compresses them with `tflite_micro`'s
+compression library, checks in TFLite Micro that the outputs equal the
+uncompressed model's bit for bit, and measures the arena (decoded weights live
+in it) and the invoke time of both models.
 
 Only TFLite Micro built with compression support (`USE_TFLM_COMPRESSION=1`)
 loads the result; LiteRT cannot.
@@ -29,7 +47,7 @@ RUNTIME_NOTE = (
     "TFLite Micro built with compression support (USE_TFLM_COMPRESSION=1) "
     "only; LiteRT and TFLite Micro without it cannot load this file"
 )
-_WEIGHT_OPS = {
+WEIGHT_OPS = {
     "CONV_2D": 1,
     "DEPTHWISE_CONV_2D": 1,
     "FULLY_CONNECTED": 1,
@@ -68,6 +86,9 @@ def _bits(values: int) -> int:
 
 
 def _tables(array, axis):
+    """Value tables of `array`: one per slice along `axis`, or one (None)."""
+    if axis is None:
+        return [np.unique(array)]
     return [np.unique(s) for s in np.moveaxis(array, axis, 0)]
 
 
@@ -96,7 +117,7 @@ def plan(tflite: bytes, bits) -> tuple[list[dict], list[dict]]:
     subgraph = model.subgraphs[0]
     chosen, skipped, seen = [], [], set()
     for op in subgraph.operators:
-        position = _WEIGHT_OPS.get(op.opcode_name)
+        position = WEIGHT_OPS.get(op.opcode_name)
         if position is None or len(op.inputs) <= position:
             continue
         tensor = op.inputs[position]
@@ -117,10 +138,12 @@ def plan(tflite: bytes, bits) -> tuple[list[dict], list[dict]]:
         best = None
         quant = tensor.quantization
         per_channel = quant is not None and np.size(quant.scales) > 1
-        # One table per output channel. Per-tensor tables (one for the whole
-        # tensor) decode wrongly in the tflite-micro Python runtime tested
-        # here, so they are not used.
-        axes = [int(quant.axis or 0) if per_channel else 0]
+        # One table for the whole tensor (None) where its values fit, else one
+        # per output channel. Per-tensor tables are written with stride 0
+        # (`_fix_decode_inputs`), which this runtime needs. The DECODE kernel
+        # counts tables by the quantization scales, so a per-tensor quantized
+        # kernel can only have one table.
+        axes = [None] + ([int(quant.axis or 0)] if per_channel else [])
         for axis in axes:
             needed = _bits(max(len(t) for t in _tables(array, axis)))
             use = needed if bits == "auto" else bits
@@ -131,7 +154,12 @@ def plan(tflite: bytes, bits) -> tuple[list[dict], list[dict]]:
                 best = (size, axis, use)
         if best is None:
             values = max(len(t) for t in _tables(array, axes[-1]))
-            entry["reason"] = f"{values} values per table, more than 2**{bits}"
+            entry["reason"] = (
+                f"{values} values per table, more than 2**{bits}"
+                if per_channel
+                else f"{values} values in the tensor, more than 2**{bits} "
+                "(per-tensor quantized: one table for the whole tensor)"
+            )
             skipped.append(entry)
         elif best[0] >= entry["bytes_before"]:
             entry["reason"] = _NOT_SMALLER
@@ -156,26 +184,34 @@ def compress(tflite: bytes, chosen: list[dict]) -> bytes:
             compression=[
                 spec.LookUpTableCompression(
                     index_bitwidth=entry["index_bits"],
-                    mode=spec.PerChannel(axis=entry["axis"]),
+                    mode=spec.PerTensor()
+                    if entry["axis"] is None
+                    else spec.PerChannel(axis=entry["axis"]),
                 )
             ],
         )
         for entry in chosen
     ]
-    return _without_encoded_quantization(bytes(lib(bytes(tflite), specs)))
+    return _fix_decode_inputs(bytes(lib(bytes(tflite), specs)))
 
 
-def _without_encoded_quantization(data: bytes) -> bytes:
-    """Drop the quantization parameters left on DECODE's encoded inputs.
+_DCM_PARAMS, _DCM_STRIDE = 5, 6  # Ancillary data bytes (see module doc).
+_PER_TENSOR_AXIS = 0xF
 
-    The compression library rewrites each compressed tensor as raw UINT8
-    indices and sets its quantization to None, but its flatbuffer writer keeps
-    the tensor's original parameters when the new value is None. So every
-    encoded tensor still carries the per-channel scales and int64 zero points
-    that its decoded copy carries again: 12 bytes per output channel (768 B
-    for a 64-channel kernel), enough to cancel lut4's savings on ds_cnn.
-    DECODE reads its inputs as raw bytes; the decoded tensor keeps the
-    parameters the consuming kernel uses.
+
+def _fix_decode_inputs(data: bytes) -> bytes:
+    """Rewrite what the compression library leaves on DECODE's inputs.
+
+    1. Quantization left on the encoded inputs: the library rewrites each
+       compressed tensor as raw UINT8 indices and sets its quantization to
+       None, but its flatbuffer writer keeps the tensor's original parameters
+       when the new value is None. So every encoded tensor still carries the
+       per-channel scales and int64 zero points that its decoded copy carries
+       again: 12 bytes per output channel (768 B for a 64-channel kernel),
+       enough to cancel lut4's savings on ds_cnn. DECODE reads its inputs as
+       raw bytes; the decoded tensor keeps the parameters the kernel uses.
+    2. Per-tensor tables: value-table stride 0 (see the module docstring:
+       the runtime steps through one table per quantization channel).
     """
     schema = _tflite._schema()
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(data, 0))
@@ -193,7 +229,44 @@ def _without_encoded_quantization(data: bytes) -> bytes:
                 if t >= 0 and sub.tensors[t].quantization is not None:
                     sub.tensors[t].quantization = None
                     changed = True
+            for t in op.inputs[1::2]:  # (encoded, ancillary) pairs.
+                buffer = model.buffers[sub.tensors[t].buffer]
+                table = np.asarray(buffer.data, np.uint8)
+                if (
+                    table.size > _DCM_BYTES
+                    and table[_DCM_PARAMS] >> 4 == _PER_TENSOR_AXIS
+                    and table[_DCM_STRIDE] != 0
+                ):
+                    table = table.copy()
+                    table[_DCM_STRIDE] = 0
+                    buffer.data = table
+                    changed = True
     return _tflite.pack(model, len(data)) if changed else data
+
+
+def _stored_bytes(data: bytes) -> dict[int, int]:
+    """{original tensor index: bytes of its indices + ancillary data} in the
+    compressed model (the library keeps the indices in the original tensor)."""
+    schema = _tflite._schema()
+    model = schema.Model.GetRootAs(data, 0)
+    sub = model.Subgraphs(0)
+    decode = {
+        i
+        for i in range(model.OperatorCodesLength())
+        if model.OperatorCodes(i).CustomCode() == b"TFLM_DECODE"
+    }
+    out = {}
+    for k in range(sub.OperatorsLength()):
+        op = sub.Operators(k)
+        if op.OpcodeIndex() not in decode:
+            continue
+        inputs = op.InputsAsNumpy()
+        for encoded, ancillary in zip(inputs[::2], inputs[1::2]):
+            out[int(encoded)] = sum(
+                model.Buffers(sub.Tensors(int(t)).Buffer()).DataLength()
+                for t in (encoded, ancillary)
+            )
+    return out
 
 
 def _check_inputs(tflite, info, x_check, samples=8):
@@ -278,17 +351,21 @@ def apply(
             f"compressed model not smaller ({len(compressed):,} B vs {len(tflite):,} B)"
         )
         return tflite, info or _tflite.parse(tflite), report
+    stored = _stored_bytes(compressed)
     for entry in chosen:
-        after = entry["estimated_bytes_after"] - _OVERHEAD_BYTES
+        after = stored.get(entry["tensor"], entry["estimated_bytes_after"])
         report["tensors"].append(
             {
                 "tensor": entry["tensor"],
                 "op": entry["op"],
                 "shape": entry["shape"],
                 "index_bits": entry["index_bits"],
+                "tables": "per tensor" if entry["axis"] is None else "per channel",
                 "table_axis": entry["axis"],
                 "bytes_before": entry["bytes_before"],
                 "bytes_after": after,
+                # Net of the DECODE operator and tensors it adds (estimated).
+                "bytes_saved": entry["bytes_before"] - after - _OVERHEAD_BYTES,
             }
         )
     info = info or _tflite.parse(tflite)
@@ -310,6 +387,7 @@ def apply(
     )
     report.update(
         size_bytes_after=len(compressed),
+        bytes_saved=len(tflite) - len(compressed),
         size_ratio=round(len(compressed) / len(tflite), 4),
         arena_bytes_without_compression=plain_arena,
         arena_bytes_with_compression=arena,
@@ -328,7 +406,14 @@ def rows(report: dict) -> list[tuple[str, str]]:
     c = report.get("compression")
     if not c:
         return []
-    out = [("weight compression", f"{c['requested']}: {len(c['tensors'])} tensors")]
+    per_tensor = sum(t.get("tables") == "per tensor" for t in c["tensors"])
+    out = [
+        (
+            "weight compression",
+            f"{c['requested']}: {len(c['tensors'])} tensors "
+            f"({per_tensor} with one table per tensor)",
+        )
+    ]
     if c["tensors"]:
         before = sum(t["bytes_before"] for t in c["tensors"])
         after = sum(t["bytes_after"] for t in c["tensors"])
@@ -336,7 +421,8 @@ def rows(report: dict) -> list[tuple[str, str]]:
             ("compressed weights", f"{before:,} B -> {after:,} B"),
             (
                 "model size with/without compression",
-                f"{c['size_bytes_after']:,} B / {c['size_bytes_before']:,} B",
+                f"{c['size_bytes_after']:,} B / {c['size_bytes_before']:,} B "
+                f"({c['bytes_saved']:,} B saved)",
             ),
             (
                 "arena with/without compression",

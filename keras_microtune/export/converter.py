@@ -68,6 +68,7 @@ def convert_to_tflite(c):
         c.options["verbose"],
         c.options["input_type"],
         constants=c.trace_constants,
+        per_tensor_weights=c.options.get("weight_quantization") == "per_tensor",
     )
     return {
         "quantization": c.target.quantization,
@@ -131,6 +132,7 @@ PASSES = (
     flatbuffer.check_mcu_ops,
     flatbuffer.check_softmax_scale,
     flatbuffer.check_full_int8,
+    flatbuffer.per_tensor_weights,
     measurements.layer_errors,  # Before `strip`: it needs the tensor names.
     flatbuffer.auto_precision,
     flatbuffer.patch_inference,
@@ -182,6 +184,7 @@ def convert(
     patch_inference: str | dict | None = None,
     train_batch_size: int | None = None,
     streaming: bool = False,
+    weight_quantization: str = "per_channel",
 ) -> ConversionResult:
     """Convert a model for `target`, run it on the real runtimes, and measure it.
 
@@ -241,6 +244,16 @@ def convert(
             `keras_microtune.export.streaming`. Defaults to `False`.
         train_batch_size: int or None. Target `"mobile-trainable"` only: the
             batch its `train` signature takes. Defaults to 16.
+        weight_quantization: `"per_channel"` or `"per_tensor"`. TFLite Micro
+            targets: `"per_tensor"` quantizes every int8 kernel with one scale
+            (TFLite's converter without per-channel quantization), which
+            drops the per-channel scales and zero points (12 B per output
+            channel) and, on a model clustered per tensor
+            (`cluster_weights(..., cluster_per_channel=False)`), lets
+            `compression="lut4"` store each kernel with one 16-entry table.
+            Costs accuracy where channels' ranges differ: check
+            `report["parity"]`. The pass `per_tensor_weights` reports it
+            (`report["weight_quantization"]`). Defaults to `"per_channel"`.
 
     Target `"mobile-trainable"` runs `TRAINABLE_PASSES` instead: a `.tflite`
     with signatures `infer`, `train`, `get_weights`, `set_weights` that
@@ -288,6 +301,9 @@ def convert(
             trainable.check_batch_size(train_batch_size) if target.trainable else None
         ),
         "streaming": _check_streaming(streaming),
+        "weight_quantization": flatbuffer.check_weight_quantization(
+            weight_quantization, target, precision
+        ),
     }
     if backend_bridge.needed():  # JAX/PyTorch Keras: a TensorFlow child converts.
         result = backend_bridge.convert_elsewhere(model, target, options)
@@ -312,7 +328,15 @@ def _check_streaming(streaming):
 
 
 def _tflite_convert(
-    model, concrete, target, rep, qat, verbose, input_type=None, constants=False
+    model,
+    concrete,
+    target,
+    rep,
+    qat,
+    verbose,
+    input_type=None,
+    constants=False,
+    per_tensor_weights=False,
 ):
     import tensorflow as tf
 
@@ -331,6 +355,8 @@ def _tflite_convert(
             conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         if rep is not None:
             conv.representative_dataset = _representative(rep, verbose)
+        if per_tensor_weights:  # `weight_quantization="per_tensor"`.
+            conv._experimental_disable_per_channel = True
         if target.io_dtype == "int8":
             conv.inference_input_type = getattr(tf, input_type or "int8")
             conv.inference_output_type = tf.int16 if input_type == "int16" else tf.int8

@@ -20,6 +20,8 @@ Hooks for schedules (`kmt.callbacks`): `set_quantization_enabled`,
   compression (`optimize/cluster.py`), with the hooks
   `update_cluster_assignments`, `freeze_assignments`, `freeze_centroids`,
   `clustering_summary` and `preserve_clusters` (cluster-preserving QAT).
+- `fold_batch_norm(model)`: BatchNorm folded into the conv/Dense before it
+  (`optimize/fold.py`), so per-tensor clustering survives into int8.
 """
 
 from keras_microtune.optimize.cluster import (
@@ -32,6 +34,7 @@ from keras_microtune.optimize.cluster import (
     strip_clustering,
     update_cluster_assignments,
 )
+from keras_microtune.optimize.fold import FoldedBatchNorm, fold_batch_norm
 from keras_microtune.optimize.hooks import (
     freeze_batch_norm,
     freeze_ranges,
@@ -54,10 +57,12 @@ __all__ = [
     "QUANTIZE_REGISTRY",
     "ActivationQuantizer",
     "ClusterWeights",
+    "FoldedBatchNorm",
     "PruneLowMagnitude",
     "QuantizeConv",
     "QuantizedMicroTune",
     "cluster_weights",
+    "fold_batch_norm",
     "clustering_summary",
     "freeze_assignments",
     "freeze_batch_norm",

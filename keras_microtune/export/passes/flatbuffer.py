@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
+
 from keras_microtune.export import _tflite, patching, preprocessing, runtimes
 from keras_microtune.export import compression as compression_lib
 from keras_microtune.export import input_metadata as input_metadata_lib
@@ -92,6 +94,72 @@ def check_full_int8(c):
             "accept float there with precision={<layer>: 'float32'}."
         )
     return {"float_layers": [r["layer"] for r in rows]}
+
+
+WEIGHT_QUANTIZATION = ("per_channel", "per_tensor")
+
+
+def check_weight_quantization(value, target, precision=None) -> str:
+    """Validate `convert(weight_quantization=...)` before converting."""
+    if value not in WEIGHT_QUANTIZATION:
+        raise ValueError(
+            "Received an invalid value for `weight_quantization`, expected one "
+            f"of {WEIGHT_QUANTIZATION}. Received: weight_quantization={value!r}"
+        )
+    if value == "per_tensor" and not (target.is_mcu and target.quantization == "int8"):
+        raise ValueError(
+            f"weight_quantization='per_tensor' applies to int8 TFLite Micro "
+            f"targets; target {target.name!r} is not one. Use the default "
+            "'per_channel', or a target such as 'mcu' or 'cortex-m4'."
+        )
+    if value == "per_tensor" and precision is not None:
+        raise ValueError(
+            "weight_quantization='per_tensor' cannot be combined with "
+            f"precision={precision!r} (the mixed-precision converter quantizes "
+            "per channel). Use one of them."
+        )
+    return value
+
+
+def per_tensor_weights(c):
+    """`weight_quantization="per_tensor"`: check that every int8 kernel of a
+    weight op has one scale and record what per-channel quantization would
+    have stored for them (`report["weight_quantization"]`)."""
+    if c.options.get("weight_quantization") != "per_tensor":
+        return None
+    from tflite_micro.tensorflow.lite.micro.compression import model_editor
+
+    model = model_editor.read(bytes(c.tflite))
+    kernels, channels, per_channel = 0, 0, []
+    for sub in model.subgraphs:
+        for op in sub.operators:
+            if op.opcode_name not in compression_lib.WEIGHT_OPS:
+                continue
+            tensor = op.inputs[1] if len(op.inputs) > 1 else None
+            if tensor is None or tensor.buffer is None or not len(tensor.buffer.data):
+                continue
+            quant = tensor.quantization
+            scales = 0 if quant is None else int(np.size(quant.scales))
+            kernels += 1
+            if scales > 1:
+                per_channel.append(op.opcode_name)
+            channels += int(tensor.shape[int(quant.axis or 0)]) if quant else 0
+    if per_channel:
+        from keras_microtune.export.result import VerificationError
+
+        raise VerificationError(
+            "weight_quantization='per_tensor' asked for one scale per kernel, "
+            f"but the converter left per-channel scales on {len(per_channel)} "
+            f"kernels ({sorted(set(per_channel))}). Use "
+            "weight_quantization='per_channel' for this model."
+        )
+    c.report["weight_quantization"] = {
+        "mode": "per_tensor",
+        "kernels": kernels,
+        # Per channel: a float32 scale and an int64 zero point per channel.
+        "per_channel_bytes_avoided": 12 * max(channels - kernels, 0),
+    }
+    return dict(c.report["weight_quantization"])
 
 
 def auto_float_layers(model, rows) -> dict[str, str]:
