@@ -255,12 +255,12 @@ def attach(
     `keras_microtune.adapters.apply_placement`.
 
     Saving and resuming: the returned model's config records these choices,
-    so `keras.saving.load_model` trains the same variables. Keras saves LoRA
-    merged into the kernel and reloads both factors as zero; the model then
-    redraws A (B stays zero, outputs unchanged) after `load_weights`
-    (`BackupAndRestore`, `ModelCheckpoint`) and before `fit`, so a resumed
-    model keeps training its LoRA, continuing from the merged kernel with a
-    fresh update rather than the saved factors (see `PrefixCacheModel`).
+    so `keras.saving.load_model` trains the same variables. Keras alone saves
+    LoRA merged into the kernel and reloads both factors as zero; the model
+    also saves the factors and frozen kernels and puts them back after
+    `load_weights` (`BackupAndRestore`, `ModelCheckpoint`) and before `fit`,
+    so a resumed fit continues as the uninterrupted one (see
+    `PrefixCacheModel`).
 
     Returns:
         A new Functional keras.Model, a `PrefixCacheModel`: its `fit`

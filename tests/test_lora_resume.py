@@ -1,7 +1,8 @@
-"""Resuming an attached model: its LoRA adapters keep training after a load.
+"""Resuming an attached model: its LoRA adapters come back exactly after a load.
 
 Keras saves LoRA merged into the kernel and loads it back with both factors
-zero, which would leave their gradients zero for good.
+zero, which would leave their gradients zero for good; PrefixCacheModel saves
+the kernel and factors too and puts them back.
 """
 
 import keras
@@ -52,7 +53,7 @@ def _assert_adapters_train(model, x, y):
 
 
 @pytest.mark.parametrize("how", ["weights", "keras"])
-def test_reloaded_model_keeps_training_its_adapters(how, tmp_path, rng, caplog):
+def test_reloaded_model_gets_its_exact_lora_factors_back(how, tmp_path, rng, caplog):
     x, y = _data(rng)
     model = _attached()
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
@@ -70,9 +71,36 @@ def test_reloaded_model_keeps_training_its_adapters(how, tmp_path, rng, caplog):
         )
     np.testing.assert_allclose(loaded.predict(x, verbose=0), expected, atol=1e-6)
     with caplog.at_level("INFO", logger="keras_microtune"):
-        _assert_adapters_train(loaded, x, y)
+        loaded._restart_lora()  # What fit does first; load_weights did it already.
+    for (a, b), (a2, b2) in zip(_factors(model), _factors(loaded)):
+        np.testing.assert_array_equal(a2, a)
+        np.testing.assert_array_equal(b2, b)
+    for name in ("conv1", "conv2"):
+        np.testing.assert_array_equal(
+            loaded.get_layer(name)._kernel.numpy(),
+            model.get_layer(name)._kernel.numpy(),
+        )
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("exactly" in m and "2 layers" in m for m in messages) == 1
+    assert not any("re-initialised" in m for m in messages)
+    _assert_adapters_train(loaded, x, y)
+
+
+def test_file_without_the_lora_state_restarts_the_factors(tmp_path, rng, caplog):
+    """A plain Keras model's weights file has no LoRA entry: A is drawn again."""
+    x, y = _data(rng)
+    model = _attached()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    expected = model.predict(x, verbose=0)
+    plain = keras.Model(model.inputs, model.outputs)  # The same layers.
+    plain.save_weights(tmp_path / "plain.weights.h5")
+    loaded = _attached()
+    with caplog.at_level("INFO", logger="keras_microtune"):
+        loaded.load_weights(tmp_path / "plain.weights.h5")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), expected, atol=1e-6)
     restarts = [r for r in caplog.records if "re-initialised" in r.getMessage()]
     assert len(restarts) == 1 and "2 LoRA layers" in restarts[0].getMessage()
+    _assert_adapters_train(loaded, x, y)
 
 
 class _StopAfterFirstEpoch(keras.callbacks.Callback):
@@ -81,43 +109,34 @@ class _StopAfterFirstEpoch(keras.callbacks.Callback):
             raise RuntimeError("interrupted")
 
 
-def test_backup_and_restore_resume_keeps_training_adapters(tmp_path, rng):
+def test_backup_and_restore_resume_equals_the_uninterrupted_fit(tmp_path, rng):
     x, y = _data(rng)
     backup = str(tmp_path / "backup")
+    fit = dict(x=x, y=y, batch_size=8, epochs=3, verbose=0, shuffle=False)
+    uninterrupted = _attached()
+    start = uninterrupted.get_weights()
+    uninterrupted.fit(**fit)
     model = _attached()
+    model.set_weights(start)
     with pytest.raises(RuntimeError, match="interrupted"):
         model.fit(
-            x,
-            y,
-            batch_size=8,
-            epochs=3,
-            verbose=0,
+            **fit,
             callbacks=[
                 keras.callbacks.BackupAndRestore(backup),
                 _StopAfterFirstEpoch(),
             ],
         )
-    expected = model.predict(x, verbose=0)
-    resumed = _attached()
+    resumed = _attached()  # Other random LoRA factors, until restored.
     seen = []
 
     class _Record(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
-            seen.append((epoch, self.model.predict(x, verbose=0)))
+            seen.append(epoch)
 
-    resumed.fit(
-        x,
-        y,
-        batch_size=8,
-        epochs=3,
-        verbose=0,
-        callbacks=[keras.callbacks.BackupAndRestore(backup), _Record()],
-    )
-    assert seen[0][0] == 1
-    np.testing.assert_allclose(seen[0][1], expected, atol=1e-6)
-    for a, b in _factors(resumed):
-        assert np.abs(a).max() > 0.1 and np.abs(b).max() > 0
-    assert np.abs(_backbone(resumed) - _backbone(model)).max() > 1e-3
+    resumed.fit(**fit, callbacks=[keras.callbacks.BackupAndRestore(backup), _Record()])
+    assert seen == [1, 2]
+    for got, want in zip(resumed.get_weights(), uninterrupted.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
 def _litert(tflite, x):
@@ -136,7 +155,7 @@ def test_merge_and_convert_match_after_restart(tmp_path, rng):
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
     model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras")
-    loaded.load_weights(tmp_path / "m.keras")  # Restarts the zero factors.
+    loaded.load_weights(tmp_path / "m.keras")  # Puts the saved factors back.
     assert all(np.abs(a).max() > 0.1 for a, _ in _factors(loaded))
     expected = model.predict(x, verbose=0)
     for m in (model, loaded):

@@ -212,7 +212,11 @@ class FeatureStage(keras.layers.Layer):
             block = [
                 keras.layers.DepthwiseConv2D(
                     k,
-                    strides=self._kernel(stride, self._one_d),
+                    # (s, s), not (s, 1), on sequences too: the width axis
+                    # is 1, so it is the same layer, and TensorFlow's own CPU
+                    # depthwise kernel (used where oneDNN is off, e.g. AMD
+                    # and ARM CPUs) only takes equal strides.
+                    strides=(stride, stride),
                     padding="same",
                     depth_multiplier=self.depth_multiplier,
                     use_bias=not self.use_batchnorm,

@@ -50,14 +50,18 @@ Saving and resuming. The config keeps which variables train
 (`trainable_paths`), so a model from `keras.saving.load_model` trains what
 the saved one trained. Keras saves each LoRA kernel merged (`W + A @ B`)
 and loads it back with both factors zero, which would stop them training
-(zero gradients). So after `load_weights` (which `BackupAndRestore` and
-`ModelCheckpoint` resumes use) and at the start of `fit`, a LoRA layer whose
-factors are both zero gets A drawn again as `enable_lora` draws it and B
-kept zero (`kmt.adapters.restart_lora`, logged once at INFO): outputs are
-unchanged and a resumed model continues from the loaded, merged kernel with
-a fresh low-rank update. The resume is not bit-exact: the factors (and so
-the next steps) differ from an uninterrupted run, and restored optimizer
-moments of A and B belong to the old factors.
+(zero gradients) and lose the factors Adam's saved moments belong to. So
+this model also saves every LoRA layer's frozen kernel and both factors in
+its own entry of the weights file (`.keras`, `.weights.h5`; keys starting
+with `LORA_STATE_KEY`), and after `load_weights` (which `BackupAndRestore`
+and `ModelCheckpoint` resumes use) and at the start of `fit` puts them back
+exactly where the layer still holds what was loaded (the merged kernel,
+zero factors): a resumed fit then continues as the uninterrupted one would
+(logged once at INFO). A file without that entry (saved by another model
+class, or before this) gets the fallback: A drawn again as `enable_lora`
+draws it and B kept zero (`kmt.adapters.restart_lora`), so outputs are
+unchanged and training continues from the merged kernel with a fresh
+low-rank update, which is not the uninterrupted run.
 """
 
 import logging
@@ -66,7 +70,7 @@ import sys
 import keras
 import numpy as np
 
-from keras_microtune._api import serializable, strategy_scope
+from keras_microtune._api import serializable, strategy_scope, sublayers
 from keras_microtune.adapters import restart_lora
 from keras_microtune.training import feature_data
 from keras_microtune.training.prefix_plan import plan_prefix
@@ -75,6 +79,9 @@ logger = logging.getLogger(__name__)
 FEATURE_KEY = "keras_microtune_prefix_features_"
 MIN_PREFIX_FRACTION = 0.2
 DEFAULT_MAX_CACHE_BYTES = 2**30
+# Weights-file keys of the exact LoRA state (kernel, A, B) of each LoRA layer.
+LORA_STATE_KEY = "keras_microtune_lora:"
+LORA_PARTS = ("kernel", "a", "b")
 
 
 def _is_features(x):
@@ -115,6 +122,7 @@ class _Cache:
     def __init__(self):
         self.key = None
         self.suffix = None
+        self.saved_lora = {}  # weights-file key -> array, until put back
 
 
 @serializable
@@ -200,11 +208,56 @@ class PrefixCacheModel(keras.Model):
             variables[path].trainable = True
 
     def load_weights(self, filepath, skip_mismatch=False, **kwargs):
-        """Keras' `load_weights`, then LoRA factors restarted (module docs)."""
+        """Keras' `load_weights`, then the saved LoRA state put back (module docs)."""
         super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
         self._restart_lora()
 
+    def save_own_variables(self, store):
+        """Keras' own variables, plus each LoRA layer's kernel and factors."""
+        super().save_own_variables(store)
+        for path, layer in _lora_layers(self).items():
+            for part, variable in zip(LORA_PARTS, _lora_state(layer)):
+                store[_lora_key(path, part)] = variable
+
+    def load_own_variables(self, store):
+        """Keras' own variables; the LoRA state waits until the layers loaded."""
+        keys = list(store.keys())
+        lora = [k for k in keys if k.startswith(LORA_STATE_KEY)]
+        super().load_own_variables({k: store[k] for k in keys if k not in lora})
+        self._prefix_cache.saved_lora = {k: np.asarray(store[k]) for k in lora}
+
+    def _restore_lora(self):
+        """Put back the saved LoRA state where a layer holds what Keras loaded."""
+        saved, self._prefix_cache.saved_lora = self._prefix_cache.saved_lora, {}
+        restored = []
+        for path, layer in _lora_layers(self).items():
+            keys = [_lora_key(path, part) for part in LORA_PARTS]
+            if not all(k in saved for k in keys):
+                continue
+            kernel, a, b = (saved[k] for k in keys)
+            current = [keras.ops.convert_to_numpy(v) for v in _lora_state(layer)]
+            merged = kernel + (layer.lora_alpha / layer.lora_rank) * np.matmul(a, b)
+            loaded = (
+                not current[1].any()
+                and not current[2].any()
+                and current[0].shape == kernel.shape
+                and np.allclose(current[0], merged, rtol=1e-5, atol=1e-6)
+            )
+            if loaded:
+                for variable, value in zip(_lora_state(layer), (kernel, a, b)):
+                    variable.assign(value)
+                restored.append(layer.name)
+        return restored
+
     def _restart_lora(self):
+        restored = self._restore_lora()
+        if restored:
+            logger.info(
+                "Restored the saved LoRA factors and frozen kernels of %d layers "
+                "exactly (Keras loads them merged with both factors zero): %s",
+                len(restored),
+                restored,
+            )
         restarted = restart_lora(self)
         if restarted:
             logger.info(
@@ -399,6 +452,29 @@ def _variables_by_path(model):
                 parts = [layer.name, variable.name]
             variables["/".join(parts)] = variable
     return variables
+
+
+def _lora_layers(model):
+    """{path of the layer from its top-level layer: layer} of LoRA layers."""
+    by_factor = {
+        id(layer.lora_kernel_a): layer
+        for layer in sublayers(model)
+        if getattr(layer, "lora_enabled", False)
+    }
+    return {
+        path.rpartition("/")[0]: by_factor[id(variable)]
+        for path, variable in _variables_by_path(model).items()
+        if id(variable) in by_factor
+    }
+
+
+def _lora_state(layer):
+    # Keras keeps the frozen kernel in `_kernel`; `kernel` adds A @ B to it.
+    return layer._kernel, layer.lora_kernel_a, layer.lora_kernel_b
+
+
+def _lora_key(path, part):
+    return f"{LORA_STATE_KEY}{path.replace('/', ':')}:{part}"
 
 
 def _rows(x):

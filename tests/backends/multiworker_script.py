@@ -32,8 +32,8 @@ LoRA, keras-team/keras#23244). The outputs survive, but at zero both
 factors get zero gradients and move only by the optimizer's restored
 momentum: resumed that way, this run ended with `lora_kernel_a` near 0.01
 where the uninterrupted run has about 0.5 (weights up to 1.2 apart).
-`PrefixCacheModel.load_weights` now redraws A so the adapters keep
-training, but from fresh factors, not the saved ones. A checkpoint keeps
+`PrefixCacheModel` now saves and restores the factors itself; this run
+keeps the checkpoint route, which is what the issue measured. A checkpoint keeps
 every variable as it is, and the resumed run ends bit-identical to an
 uninterrupted one. Each worker writes its own
 directory: every worker must take part in the save, and the weights are
