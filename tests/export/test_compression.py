@@ -318,7 +318,7 @@ def test_per_tensor_quantized_kernel_never_gets_per_channel_tables():
     assert report["bit_exact"]
 
 
-def test_fold_batch_norm_then_per_tensor_clusters_reach_lut4_per_tensor():
+def test_fold_batch_norm_then_per_tensor_clusters_reach_lut4_per_tensor(tmp_path):
     # Folded first, a kernel clustered per tensor keeps 16 int8 values after
     # conversion, so lut4 stores it with one table (and BatchNorm is gone).
     keras.utils.set_random_seed(0)
@@ -336,6 +336,9 @@ def test_fold_batch_norm_then_per_tensor_clusters_reach_lut4_per_tensor():
     layers = kmt.callbacks._base.sublayers(folded)
     assert not any(isinstance(la, keras.layers.BatchNormalization) for la in layers)
     np.testing.assert_allclose(folded(x), model(x), rtol=1e-5, atol=1e-5)
+    folded.save(tmp_path / "folded.keras")  # FoldedBatchNorm reloads.
+    reloaded = keras.saving.load_model(tmp_path / "folded.keras")
+    np.testing.assert_array_equal(reloaded(x), folded(x))
     clustered = kmt.optimize.cluster_weights(folded, cluster_per_channel=False)
     lut = kmt.convert(
         kmt.optimize.strip_clustering(clustered),
