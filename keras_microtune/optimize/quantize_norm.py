@@ -23,6 +23,7 @@ import numpy as np
 from keras import ops
 
 from keras_microtune._api import serializable
+from keras_microtune.layers.embedding_stage import l2_normalize
 from keras_microtune.optimize.quantizers import ActivationQuantizer
 
 # TFLite's int8 L2_NORMALIZATION output: scale 1/128, zero point 0.
@@ -47,7 +48,7 @@ def _l2_normalize(x):
         import tensorflow as tf
 
         return tf.math.l2_normalize(x, axis=-1)
-    return x * ops.rsqrt(ops.maximum(ops.sum(x * x, axis=-1, keepdims=True), 1e-12))
+    return l2_normalize(x)
 
 
 @serializable

@@ -133,9 +133,10 @@ def per_tensor_weights(c):
     kernels, channels, per_channel = 0, 0, []
     for sub in model.subgraphs:
         for op in sub.operators:
-            if op.opcode_name not in compression_lib.WEIGHT_OPS:
+            position = compression_lib.WEIGHT_OPS.get(op.opcode_name)
+            if position is None:
                 continue
-            tensor = op.inputs[1] if len(op.inputs) > 1 else None
+            tensor = op.inputs[position] if len(op.inputs) > position else None
             if tensor is None or tensor.buffer is None or not len(tensor.buffer.data):
                 continue
             quant = tensor.quantization
