@@ -109,6 +109,9 @@ def test_transfer_table(tmp_path):
     for method in ("head", "bias+norm", "budget"):
         assert 0 < by_method[method]["trainable"] < full["trainable"], method
     assert all(0 <= a <= 1 for r in rows for a in r["accuracy"])
+    # Full fine-tuning is also timed through keras.Model.fit, once per seed.
+    assert len(full["keras_fit_seconds"]) == len(full["fit_seconds"]), full
+    assert all(s > 0 for s in full["keras_fit_seconds"]), full
 
 
 @pytest.mark.slow  # A benchmark's tiny run.

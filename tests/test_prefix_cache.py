@@ -104,6 +104,56 @@ def test_cached_fit_matches_plain_fit(data, caplog):
     )
 
 
+def _count_train_traces(model):
+    traces = []
+    step = model.train_step
+
+    def counted(data):
+        traces.append(1)  # Python runs once per trace of the train function.
+        return step(data)
+
+    model.train_step = counted
+    return traces
+
+
+def test_uncached_fit_matches_keras_own_fit_and_traces_once(data):
+    """Array data that is not cached is fed as one repeating dataset with the
+    training state built first: the same training as `keras.Model.fit` on the
+    same model, with the train step traced once (Keras' own traces it twice)."""
+    x, y = data
+    backbone = _backbone()
+    runs = {}
+    for name in ("ours", "keras"):
+        keras.utils.set_random_seed(1)
+        model = kmt.attach(backbone, num_classes=3)  # LoRA in block1: no prefix.
+        model.compile(
+            keras.optimizers.Adam(1e-2),
+            "sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        traces = _count_train_traces(model)
+        fit = (
+            model.fit
+            if name == "ours"
+            else lambda *a, m=model, **k: keras.Model.fit(m, *a, **k)
+        )
+        history = fit(
+            x,
+            y,
+            epochs=3,
+            batch_size=16,
+            shuffle=False,
+            validation_split=0.25,
+            verbose=0,
+        )
+        runs[name] = (model, history, len(traces))
+    (ours, h_ours, n_ours), (plain, h_plain, n_plain) = runs["ours"], runs["keras"]
+    assert not plan_prefix(ours).layers
+    _assert_same_training(ours, plain, h_ours, h_plain)
+    assert h_ours.params["steps"] == h_plain.params["steps"] == 3
+    assert n_ours == 1 and n_plain >= n_ours
+
+
 def test_inner_adapters_and_biases_train_and_end_the_prefix(data, caplog):
     """A frozen stage whose LoRA factors or biases train is not in the prefix:
     only the stages before it are cached, and training matches the plain fit."""
