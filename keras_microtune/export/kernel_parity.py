@@ -45,11 +45,21 @@ def _disconnected(data: bytes, info: _tflite.ModelInfo) -> tuple[bytes, list, li
     schema = _tflite._schema()
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(bytes(data), 0))
     sub = model.subgraphs[0]
+    # Only tensors with the batch axis first (batch 1, as the graph inputs)
+    # are fed; others stay wired to the op computing them: a tensor on
+    # constants alone, or one whose batch axis a RESHAPE removed (a
+    # (1, 1, 1, 56) -> (56,) bias-like add in an adapter), which cannot be fed
+    # sample by sample.
+    per_sample = {int(t) for t in sub.inputs}
+    for op in sub.operators:
+        if any(int(t) in per_sample for t in op.inputs):
+            per_sample.update(int(t) for t in op.outputs)
+    per_sample = {t for t in per_sample if info.tensors[t].shape[:1] == (1,)}
     feeds, inputs, outputs = [], [], []
     for i, op in enumerate(sub.operators):
         wired = []
         for t in (int(t) for t in op.inputs):
-            if t < 0 or info.tensors[t].constant:
+            if t < 0 or info.tensors[t].constant or t not in per_sample:
                 wired.append(t)
                 continue
             fresh = copy.copy(sub.tensors[t])

@@ -261,6 +261,30 @@ def test_outputs_beyond_tolerance_verify_only_kernel_by_kernel(
     assert not got["tflm_within_tolerance"] and "tflm_reference" not in got
 
 
+def test_kernel_check_keeps_tensors_without_a_batch_axis_wired(rng):
+    """A RESHAPE that drops the batch-1 axis ((1, 1, 1, 8) -> (8,), as a
+    MicroTune adapter on MobileNetV2 converts) feeds an ADD: that tensor
+    cannot be fed sample by sample, so it stays computed by its RESHAPE
+    (before, the check failed with "Dimension mismatch" and `convert` with it)."""
+    import tensorflow as tf
+
+    from benchmarks.conversion import plain_convert
+
+    inputs = keras.Input((4, 4, 3), batch_size=1)
+    y = keras.layers.Conv2D(8, 4)(inputs)  # (1, 1, 1, 8)
+    flat = keras.layers.Lambda(lambda t: tf.reshape(t, (8,)))(y)
+    model = keras.Model(inputs, keras.layers.Lambda(lambda a: a[0] + a[1])([y, flat]))
+    x = rng.random((16, 4, 4, 3)).astype("float32")
+    tflite = plain_convert(model, x, fixed_batch=True)
+    info = _tflite.parse(tflite)
+    add = next(ins for op, ins, _ in info.op_sequence if op == "ADD")
+    assert sorted(info.tensors[t].shape for t in add) == [(1, 1, 1, 8), (8,)]
+    ins, _ = runtimes.io_details(tflite)
+    check = kernel_parity.check(tflite, info, [runtimes.quantize(x[:4], ins[0])])
+    assert check["samples"] == 4 and {"ADD", "CONV_2D"} <= set(check["ops"])
+    assert check["within_tolerance"], check
+
+
 @pytest.mark.filterwarnings("ignore:You passed `rms_scaling=True`")
 @pytest.mark.parametrize(
     "make",
