@@ -86,6 +86,7 @@ def input_helper(input_report: dict | None) -> str:
         return ""
     ctype, low, high = _C_TYPES[input_report["dtype"]]
     prep = input_report.get("preprocessing") or {}
+    per_channel = isinstance(input_report["scale"], list)
     note = "// The device feeds raw values (sensor units, pixel values).\n"
     if prep.get("folded"):
         note += (
@@ -93,8 +94,42 @@ def input_helper(input_report: dict | None) -> str:
             "// scale and zero point: no op runs for it on the device. The zero\n"
             "// point may be fractional; quantize_input() keeps it exact.\n"
         )
+        if per_channel:
+            note += (
+                "// One scale and zero point per channel of the last axis: value i\n"
+                "// of the input tensor is channel i % kInputChannels.\n"
+            )
     elif prep:
-        note += "// The model's per-channel normalization runs as int8 ops.\n"
+        note += "// The model's normalization runs as int8 ops (MUL, ADD).\n"
+    clip = (
+        f"  if (q < {low}.0f) q = {low}.0f;\n"
+        f"  if (q > {high}.0f) q = {high}.0f;\n"
+        f"  return static_cast<{ctype}>(q);\n"
+        "}\n"
+    )
+    if per_channel:
+        channels = len(input_report["scale"])
+
+        def array(name, key):
+            values = ", ".join(_c_float(v) for v in input_report[key])
+            return f"constexpr float {name}[kInputChannels] = {{{values}}};\n"
+
+        return (
+            f"\n{note}"
+            f"constexpr int kInputChannels = {channels};\n"
+            + array("kInputScale", "scale")
+            + array("kInputZeroPoint", "zero_point")
+            + "// Raw values of channel c in [kInputRawMin[c], kInputRawMax[c]] are "
+            "not clipped.\n"
+            + array("kInputRawMin", "raw_min")
+            + array("kInputRawMax", "raw_max")
+            + f"typedef {ctype} InputType;\n\n"
+            "// One raw value of channel `channel` -> the integer to write into "
+            "the input tensor.\n"
+            f"inline {ctype} quantize_input(float raw, int channel) {{\n"
+            "  float q = roundf(raw / kInputScale[channel] + "
+            "kInputZeroPoint[channel]);\n" + clip
+        )
     return (
         f"\n{note}"
         f"constexpr float kInputScale = {_c_float(input_report['scale'])};\n"
@@ -105,11 +140,7 @@ def input_helper(input_report: dict | None) -> str:
         f"typedef {ctype} InputType;\n\n"
         "// One raw value -> the integer to write into the input tensor.\n"
         f"inline {ctype} quantize_input(float raw) {{\n"
-        "  float q = roundf(raw / kInputScale + kInputZeroPoint);\n"
-        f"  if (q < {low}.0f) q = {low}.0f;\n"
-        f"  if (q > {high}.0f) q = {high}.0f;\n"
-        f"  return static_cast<{ctype}>(q);\n"
-        "}\n"
+        "  float q = roundf(raw / kInputScale + kInputZeroPoint);\n" + clip
     )
 
 

@@ -15,11 +15,18 @@ The device feeds input `input` with `q = round(raw / scale + zero_point)`,
 clipped to the dtype's range (`zero_point` may be fractional); `raw_min` and
 `raw_max` are the raw values represented without clipping. `preprocessing`
 names the layers (`x = raw * scale + offset`), whether they were folded, and
-the ops they run as when not folded (per-channel: int8 `MUL`/`ADD`, and the
-input tensor is then in raw units). Readers ignore fields they do not know;
-`version` changes only when an existing field changes meaning. TFLite Micro
-and LiteRT ignore metadata they do not know, so the entry changes neither the
-arena nor the outputs.
+the ops they run as when not folded (int8 `MUL`/`ADD`, and the input tensor
+is then in raw units).
+
+Version 2 (written only for a folded per-channel affine, e.g. Keras'
+`Normalization` over the last axis): `scale`, `zero_point`, `raw_min` and
+`raw_max` are lists, one number per channel of the last axis, and channel c
+is fed with `q = round(raw / scale[c] + zero_point[c])`. Every other entry
+stays version 1, so files a version-1 reader can feed keep version 1.
+
+Readers ignore fields they do not know; `version` changes only when an
+existing field changes meaning. TFLite Micro and LiteRT ignore metadata they
+do not know, so the entry changes neither the arena nor the outputs.
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ from keras_microtune.export import _tflite, preprocessing
 from keras_microtune.export._tflite import InvalidModelError
 
 NAME = "keras_microtune.input"
-VERSION = 1
+VERSION = 2  # The newest this reads (and writes for per-channel entries).
+VERSIONS = (1, 2)
 MAX_BYTES = 64 * 1024  # A larger entry is refused unread.
 _FIELDS = ("dtype", "shape", "scale", "zero_point", "raw_min", "raw_max")
 
@@ -45,10 +53,15 @@ class UnsupportedVersionError(ValueError):
         self.version = version
 
 
+def version_for(input_report: dict) -> int:
+    """The entry version `write` uses: 2 for per-channel fields, else 1."""
+    return 2 if isinstance(input_report["scale"], list) else 1
+
+
 def write(tflite: bytes, input_report: dict) -> bytes:
     """Return `tflite` with `input_report` (`describe_input`'s dict for input 0)
     stored as its `keras_microtune.input` metadata entry (replacing any)."""
-    entry = {"version": VERSION, "input": 0}
+    entry = {"version": version_for(input_report), "input": 0}
     entry.update({k: input_report[k] for k in _FIELDS})
     entry["preprocessing"] = input_report.get("preprocessing")
     payload = json.dumps(entry, separators=(",", ":"), allow_nan=False)
@@ -78,18 +91,19 @@ def read(tflite: bytes, info: _tflite.ModelInfo | None = None) -> dict | None:
             f"The {NAME!r} metadata has no integer 'version'; received "
             f"{str(entry)[:200]!r}."
         )
-    if version != VERSION:
+    if version not in VERSIONS:
         from keras_microtune import __version__
 
         raise UnsupportedVersionError(
             f"The model's {NAME!r} metadata (how raw inputs are fed) has version "
-            f"{version}; keras_microtune {__version__} reads version {VERSION}. "
+            f"{version}; keras_microtune {__version__} reads versions "
+            f"{', '.join(map(str, VERSIONS))}. "
             "Feeding raw values without it would give wrong results: upgrade "
             "keras_microtune (pip install -U keras-microtune), or quantize inputs "
             "yourself as the entry says (README: 'Reading the input entry').",
             version,
         )
-    out = _checked(entry)
+    out = _checked(entry, version)
     info = info or _tflite.parse(tflite)
     first = info.inputs[0] if info.inputs else -1
     tensor = info.tensors[first] if first >= 0 else None
@@ -107,7 +121,7 @@ def read(tflite: bytes, info: _tflite.ModelInfo | None = None) -> dict | None:
     return out
 
 
-def _checked(entry: dict) -> dict:
+def _checked(entry: dict, version: int = 1) -> dict:
     """The entry's fields, type-checked; InvalidModelError otherwise."""
 
     def bad(field):
@@ -128,14 +142,28 @@ def _checked(entry: dict) -> dict:
     out["shape"] = shape
     if not isinstance(entry.get("input", 0), int) or entry.get("input", 0) != 0:
         raise bad("input")  # Version 1 describes input 0 only.
+    channels = shape[-1] if shape else None
     for field in _FIELDS[2:]:
         value = entry.get(field)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        # Version 2: a list, one number per channel of the last axis.
+        many = version >= 2 and isinstance(value, list)
+        if many and len(value) != channels:
             raise bad(field)
-        if not math.isfinite(value) or (field == "scale" and value <= 0):
-            raise bad(field)
-        out[field] = float(value)
-    out["zero_point_is_integer"] = out["zero_point"] == round(out["zero_point"])
+        numbers = value if many else [value]
+        for v in numbers:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise bad(field)
+            if not math.isfinite(v) or (field == "scale" and v <= 0):
+                raise bad(field)
+        out[field] = [float(v) for v in value] if many else float(value)
+    if len({isinstance(out[f], list) for f in _FIELDS[2:]}) != 1:
+        raise bad("scale")  # All four per channel, or none.
+    zeros = (
+        out["zero_point"]
+        if isinstance(out["zero_point"], list)
+        else [out["zero_point"]]
+    )
+    out["zero_point_is_integer"] = all(z == round(z) for z in zeros)
     prep = entry.get("preprocessing")
     if prep is not None and not (
         isinstance(prep, dict)

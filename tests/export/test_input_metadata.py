@@ -153,20 +153,20 @@ def test_tflite_micro_runs_the_file_and_the_entry_costs_no_arena(sensor):
 def test_unknown_version_is_a_clear_error_not_a_wrong_result(sensor, tmp_path, capsys):
     result, _, x, y, _ = sensor
     entry = json.loads(_tflite.metadata(result.tflite, input_metadata.NAME))
-    future = _with_entry(result.tflite, {**entry, "version": 2, "gain": 3})
-    with pytest.raises(ValueError, match="version 2; keras_microtune .* reads ver"):
+    future = _with_entry(result.tflite, {**entry, "version": 3, "gain": 3})
+    with pytest.raises(ValueError, match="version 3; keras_microtune .* reads ver"):
         kmt.evaluate(future, x, y)
     with pytest.warns(kmt.KerasMicrotuneWarning, match="pip install -U"):
         inspected = kmt.inspect(future)
     assert inspected.report["input"]["metadata"]["supported"] is False
-    with pytest.raises(ValueError, match="version 2"):
+    with pytest.raises(ValueError, match="version 3"):
         inspected.quantize_input(x)
     path = tmp_path / "future.tflite"
     path.write_bytes(future)
     np.savez(tmp_path / "raw.npz", x=x, y=y)
     code = cli.main(["evaluate", str(path), "--data", str(tmp_path / "raw.npz")])
     assert code == 2
-    assert "version 2" in capsys.readouterr().err
+    assert "version 3" in capsys.readouterr().err
     # Fields a reader does not know are ignored within a version.
     extended = _with_entry(result.tflite, {**entry, "comment": "new field"})
     assert input_metadata.read(extended)["scale"] == entry["scale"]
@@ -187,6 +187,10 @@ def test_unknown_version_is_a_clear_error_not_a_wrong_result(sensor, tmp_path, c
         ({"dtype": "uint8"}, "changed after conversion"),
         ({"input": 3}, "invalid 'input'"),
         ({"preprocessing": {"layers": "x"}}, "invalid 'preprocessing'"),
+        # Per-channel lists: version 2 only, one number per channel, all four.
+        ({"scale": [0.1] * 64}, "invalid 'scale'"),
+        ({"version": 2, "scale": [0.1] * 3}, "invalid 'scale'"),
+        ({"version": 2, "scale": [0.1] * 64}, "invalid 'scale'"),
         (b" " * (input_metadata.MAX_BYTES + 1), "more than the 65,536"),
     ],
 )

@@ -380,7 +380,7 @@ def input_metadata(c):
     c.tflite = input_metadata_lib.write(c.tflite, feed)
     return {
         "entry": input_metadata_lib.NAME,
-        "version": input_metadata_lib.VERSION,
+        "version": input_metadata_lib.version_for(feed),
         "added_bytes": len(c.tflite) - before,
     }
 
