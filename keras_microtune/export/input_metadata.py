@@ -38,8 +38,7 @@ from keras_microtune.export import _tflite, preprocessing
 from keras_microtune.export._tflite import InvalidModelError
 
 NAME = "keras_microtune.input"
-VERSION = 2  # The newest this reads (and writes for per-channel entries).
-VERSIONS = (1, 2)
+VERSIONS = (1, 2)  # Versions this reads; `version_for` picks the one written.
 MAX_BYTES = 64 * 1024  # A larger entry is refused unread.
 _FIELDS = ("dtype", "shape", "scale", "zero_point", "raw_min", "raw_max")
 

@@ -53,10 +53,6 @@ class Affine:
         rows = [np.reshape(a, (-1, a.shape[-1])) for a in (self.scale, self.offset)]
         return all(bool(np.all(np.ptp(r, axis=0) == 0)) for r in rows)
 
-    def channel(self, values) -> np.ndarray:
-        """`values` (scale or offset) as one number per channel of the last axis."""
-        return np.reshape(values, (-1, np.shape(values)[-1]))[0]
-
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return (x * self.scale + self.offset).astype("float32")
 
@@ -213,8 +209,8 @@ def describe_input(tflite: bytes, plan: Plan | None = None, info=None) -> dict:
         out["feed"] = f"{dtype} values of shape {shape}, raw (no quantization)."
         return out
     if plan is not None and plan.folded:
-        a = plan.affine.channel(plan.affine.scale)
-        b = plan.affine.channel(plan.affine.offset)
+        a = _per_channel(plan.affine.scale)
+        b = _per_channel(plan.affine.offset)
         # x = a*raw + b = scale*(q - zero)  =>  q = raw/(scale/a) + zero + b/scale.
         scale, zero = scale / a, zero + b / scale
         if plan.affine.per_tensor:
@@ -294,11 +290,16 @@ def _show(value, head=4):
     return f"[{shown}{more}]"
 
 
-def _plain(values, per_tensor):
+def _per_channel(values) -> np.ndarray:
+    """An affine's `values` (per channel of the last axis) as one row."""
     values = np.asarray(values, "float64")
+    return values.reshape(-1, values.shape[-1])[0]
+
+
+def _plain(values, per_tensor):
     if per_tensor:
-        return float(values.flat[0])
-    return values.reshape(-1, values.shape[-1])[0].tolist()
+        return float(np.asarray(values).flat[0])
+    return _per_channel(values).tolist()
 
 
 def quantize_input(x: np.ndarray, input_report: dict) -> np.ndarray:

@@ -349,8 +349,9 @@ class PrefixCacheModel(keras.Model):
         one trace) when it fits `max_cache_bytes`, else Keras' own `fit`."""
         x, validation = args["x"], args["validation_data"]
         arrays = x is not None and _is_arrays(x)
-        if arrays and validation is not None and not isinstance(validation, tuple):
-            arrays = False  # A dataset or generator validates as Keras does.
+        if arrays and validation is not None:
+            # A dataset or generator validates as Keras does.
+            arrays = isinstance(validation, tuple) and _is_arrays(validation)
         if arrays:
             size = _nbytes((x, args["y"], args["sample_weight"]))
             if isinstance(validation, tuple):
@@ -358,15 +359,8 @@ class PrefixCacheModel(keras.Model):
             arrays = size <= self.max_cache_bytes
         if not arrays:
             return super().fit(**args)
-        train = (x, args["y"], args["sample_weight"])
         args["batch_size"] = args["batch_size"] or 32
-        if args["validation_split"] and validation is None:
-            train, validation = feature_data.split_validation(
-                train, args["validation_split"]
-            )
-        elif validation is not None:
-            validation = keras.utils.unpack_x_y_sample_weight(validation)
-        return self._fit_fed(args, train, validation)
+        return self._fit_fed(args, *_split(args))
 
     def _fit_fed(self, args, train, validation):
         """Keras' `fit` on `train` = `(x, y, sample_weight)` arrays (prefix
@@ -475,14 +469,7 @@ class PrefixCacheModel(keras.Model):
                     cut, self.output, name=f"{self.name}_suffix"
                 )
                 self._prefix_cache.key = key
-        train = (args["x"], args["y"], args["sample_weight"])
-        validation = args["validation_data"]
-        if args["validation_split"] and validation is None:
-            train, validation = feature_data.split_validation(
-                train, args["validation_split"]
-            )
-        elif validation is not None and _is_arrays(validation):
-            validation = keras.utils.unpack_x_y_sample_weight(validation)
+        train, validation = _split(args)
 
         def run(arrays, size):
             features = feature_data.prefix_features(prefix, arrays[0], size)
@@ -494,6 +481,19 @@ class PrefixCacheModel(keras.Model):
         if prefix.losses:
             return None, None, "the frozen prefix adds losses (add_loss)"
         return train, validation, None
+
+
+def _split(args):
+    """`fit`'s arrays as `(train, validation)`: `train` is `(x, y,
+    sample_weight)`; `validation_split` splits as Keras does, array
+    `validation_data` is unpacked the same way, anything else is kept."""
+    train = (args["x"], args["y"], args["sample_weight"])
+    validation = args["validation_data"]
+    if args["validation_split"] and validation is None:
+        return feature_data.split_validation(train, args["validation_split"])
+    if validation is not None and _is_arrays(validation):
+        validation = keras.utils.unpack_x_y_sample_weight(validation)
+    return train, validation
 
 
 def _variables_by_path(model):
