@@ -69,19 +69,13 @@ def layer_outputs(model) -> dict[int, object]:
     of this model's graph give its own. Layers with several outputs, or
     called several times in the model, are left out.
     """
-    graph = getattr(model, "_functional", None) or model
-    nodes = [n for d in getattr(graph, "_nodes_by_depth", {}).values() for n in d]
-    out, seen = {}, set()
-    for node in nodes:
-        layer = node.operation
-        if layer is None or node.is_input or len(node.output_tensors) != 1:
-            continue
-        if id(layer) in seen:  # Shared layer: no single output.
-            out.pop(id(layer), None)
-            continue
-        seen.add(id(layer))
-        out[id(layer)] = node.output_tensors[0]
-    return out
+    from keras_microtune.optimize import graph
+
+    return {
+        key: node.output_tensors[0]
+        for key, node in graph.layer_nodes(model).items()
+        if len(node.output_tensors) == 1
+    }
 
 
 def owners(model, concrete, info) -> dict[int, object]:

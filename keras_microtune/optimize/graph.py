@@ -3,7 +3,8 @@
 The three rewrites clone a model layer by layer; this module owns what they
 share: the input check (`check_model`), the Functional view of a Sequential
 model (`as_functional`), per-layer copies (`clone_layer`), the clone-and-map
-core (`rewrite`), the walk into nested models (`walk`), the kernels that
+core (`rewrite`), the walk into nested models (`walk`), each layer's node in
+one model's own graph (`layer_nodes`), the kernels that
 pruning and clustering act on (`kernels`) and the constraint that keeps a
 kernel under a 0/1 mask (`MaskConstraint`). It imports none of them.
 """
@@ -50,9 +51,21 @@ def clone_layer(layer, input_shape, name=None):
         config["name"] = name
     copy = layer.__class__.from_config(config)
     copy.build(input_shape)
-    copy.set_weights(layer.get_weights())
-    copy.trainable = layer.trainable
+    copy_state(layer, copy)
     return copy
+
+
+def copy_state(layer, copy):
+    """Give the built `copy` of `layer` its weights and trainable flag.
+
+    Preprocessing layers derive their state from the weights (an adapted
+    `Normalization` its mean and variance): `finalize_state` recomputes it,
+    as Keras does after loading a saved model.
+    """
+    copy.set_weights(layer.get_weights())
+    if hasattr(copy, "finalize_state"):
+        copy.finalize_state()
+    copy.trainable = layer.trainable
 
 
 def as_functional(model):
@@ -98,6 +111,29 @@ def walk(model):
         if isinstance(layer, keras.Model):
             yield from walk(layer)
         yield layer
+
+
+def layer_nodes(model):
+    """id(layer) -> its call (a Keras `Node`) in `model`'s own graph.
+
+    A model made from another's layers (`rewrite`, a model cut out of
+    another) shares them, and `layer.input`/`layer.output` are the first
+    model's tensors; this model's nodes give its own. Layers called more than
+    once in the model are left out.
+    """
+    graph = getattr(model, "_functional", None) or model
+    out, seen = {}, set()
+    for nodes in getattr(graph, "_nodes_by_depth", {}).values():
+        for node in nodes:
+            layer = node.operation
+            if layer is None or node.is_input:
+                continue
+            if id(layer) in seen:  # Shared layer: no single call.
+                out.pop(id(layer), None)
+                continue
+            seen.add(id(layer))
+            out[id(layer)] = node
+    return out
 
 
 def kernels(layer):

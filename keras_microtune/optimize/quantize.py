@@ -15,6 +15,11 @@ type. Categories:
   (fake quantizers on the inner tensors of the int8 form `kmt.convert`
   lowers it to); any other LayerNormalization is unsupported.
 
+Model inputs get an `ActivationQuantizer`, except where a leading
+Rescaling/Normalization folds into the converted model's input quantization
+(`optimize.affine`): the device's int8 input is then that preprocessing's
+output, which is what gets the quantizer.
+
 Hooks for schedules live in `optimize/hooks.py`.
 """
 
@@ -23,6 +28,7 @@ import keras
 from keras_microtune.layers import EmbeddingStage, FeatureStage, MicroTune, OutputStage
 from keras_microtune.optimize import cluster, graph, prune, tfmot_bridge
 from keras_microtune.optimize import quantize_stages as stages
+from keras_microtune.optimize.affine import leading_affine
 from keras_microtune.optimize.graph import clone_layer
 from keras_microtune.optimize.quantize_conv import kind_of
 from keras_microtune.optimize.quantize_norm import QuantizeLayerNorm, supports
@@ -163,9 +169,20 @@ def _plan_fusions(model):
     return plan, absorbed
 
 
+def _folded_preprocessing(model):
+    """Names of the leading Rescaling/Normalization layers `kmt.convert` folds
+    into the input quantization for TFLite Micro (none if it does not)."""
+    affine, _ = leading_affine(model)
+    return affine.layers if affine is not None and affine.folds else []
+
+
 def _quantize_graph(model, unsupported, sparse, quantize_inputs):
     plan, absorbed = _plan_fusions(model)
     built, quantized_inputs = {}, {}
+    # A folded preprocessing runs on the host in raw units: the device's int8
+    # input is its output, so that is what is fake-quantized (one scale for
+    # the normalized tensor, not one for raw channels in different units).
+    folded = _folded_preprocessing(model) if quantize_inputs else []
 
     def quantize_input(tensor):
         history = getattr(tensor, "_keras_history", None)
@@ -181,7 +198,23 @@ def _quantize_graph(model, unsupported, sparse, quantize_inputs):
             quantized_inputs[id(tensor)] = layer(tensor)
         return quantized_inputs[id(tensor)]
 
+    def fresh(layer, args, kwargs):
+        """`layer` called through its own copy (the model keeps the original)."""
+        if id(layer) not in built:
+            # Built by its first call, so layers whose build takes more than
+            # the first input's shape (MultiHeadAttention) clone too.
+            built[id(layer)] = layer.__class__.from_config(layer.get_config())
+            out = built[id(layer)](*args, **kwargs)
+            graph.copy_state(layer, built[id(layer)])
+            return out
+        return built[id(layer)](*args, **kwargs)
+
     def call_function(layer, *args, **kwargs):
+        if getattr(layer, "name", None) in folded:
+            out = fresh(layer, args, kwargs)
+            if layer.name != folded[-1]:
+                return out
+            return ActivationQuantizer(name=f"{layer.name}_quantizer")(out)
         if quantize_inputs:
             args = keras.tree.map_structure(quantize_input, args)
         if id(layer) in absorbed:
@@ -212,15 +245,7 @@ def _quantize_graph(model, unsupported, sparse, quantize_inputs):
             return rewrite(layer, x, sparse=sparse)
         if category is None and unsupported == "raise":
             raise _unsupported_error(layer)
-        if id(layer) not in built:
-            # Built by its first call, so layers whose build takes more than
-            # the first input's shape (MultiHeadAttention) clone too.
-            built[id(layer)] = layer.__class__.from_config(layer.get_config())
-            out = built[id(layer)](*args, **kwargs)
-            built[id(layer)].set_weights(layer.get_weights())
-            built[id(layer)].trainable = layer.trainable
-        else:
-            out = built[id(layer)](*args, **kwargs)
+        out = fresh(layer, args, kwargs)
         if category in ("requantize", None):
             out = ActivationQuantizer(name=f"{layer.name}_quantizer")(out)
         return out
