@@ -193,14 +193,16 @@ class ProgressiveUnfreeze(keras.callbacks.Callback):
         """
         model = self.model
         old = model.optimizer
-        known = {id(v) for v in model.trainable_variables}
         blocks = list({id(v): v for v in self._block_variables()}.values())
-        extra = [v for v in blocks if id(v) not in known]
-        if _exact_optimizer():
-            extra = []
+        # Read after `_block_variables`, which toggles the blocks' flags: every
+        # variable trainable now or once its block unfreezes (LoRA factors
+        # trainable from the start too), each once.
+        variables = list(model.trainable_variables)
+        if not _exact_optimizer():
+            variables = list({id(v): v for v in variables + blocks}.values())
         with strategy_scope(model):
             new = old.__class__.from_config(old.get_config())
-            new.build(model.trainable_variables + extra)
+            new.build(variables)
         if old.built:
             previous = {(v.name, tuple(v.shape)): v for v in old.variables}
             for variable in new.variables:

@@ -135,6 +135,38 @@ def test_backup_and_restore_resume(rng, tmp_path, backup_first, interrupt_at):
     assert int(resumed.optimizer.iterations) == 16
 
 
+def test_unfreezes_a_default_attached_model_with_lora(rng):
+    """`kmt.attach`'s default placement trains LoRA factors inside the block
+    from the start; after the block unfreezes they still train (the rebuilt
+    optimizer lost them before: "Unknown variable: .../lora_kernel_a")."""
+    backbone = keras.Sequential(
+        [
+            keras.Input((16, 3)),
+            kmt.layers.FeatureStage([8, 8]),
+            kmt.layers.EmbeddingStage(),
+            kmt.layers.OutputStage(4),
+        ]
+    )
+    model = kmt.attach(backbone, num_classes=4)
+    model.compile("adam", "sparse_categorical_crossentropy")
+    lora = [v for v in model.trainable_variables if "lora_kernel_a" in v.path]
+    assert lora
+    x = rng.normal(size=(32, 16, 3)).astype("float32")
+    y = rng.integers(0, 4, size=32)
+    before = [keras.ops.convert_to_numpy(v) for v in lora]
+    model.fit(
+        x,
+        y,
+        epochs=2,
+        batch_size=16,
+        verbose=0,
+        callbacks=[kmt.callbacks.ProgressiveUnfreeze([1])],
+    )
+    assert all(v.trainable for v in lora)
+    after = [keras.ops.convert_to_numpy(v) for v in lora]
+    assert all(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
 def test_invalid_arguments():
     with pytest.raises(
         ValueError, match="invalid value for `unfreeze_epochs`.*Received"
