@@ -6,7 +6,7 @@ import keras
 
 from keras_microtune.adapters import apply_placement, resolve_placement
 from keras_microtune.layers import EmbeddingStage, FeatureStage, MicroTune, OutputStage
-from keras_microtune.optimize.graph import is_graph_model
+from keras_microtune.optimize.graph import copy_weights, is_graph_model
 from keras_microtune.training import PrefixCacheModel
 
 # Layers that make up a classifier head when they close a model.
@@ -66,7 +66,7 @@ def _as_functional(model):
     """A Functional copy of `model` with its own layers and weights."""
     clone = keras.models.clone_model(model)
     for source, target in zip(model.layers, clone.layers):
-        target.set_weights(source.get_weights())
+        copy_weights(source, target)
     if isinstance(clone, keras.Sequential):
         inputs = keras.Input(
             batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype, name="input"

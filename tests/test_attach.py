@@ -198,3 +198,19 @@ def test_default_placement_lora_bias_norm_and_identity(rng):
         "add1_microtune",
         "relu2_microtune",
     ]
+
+
+def test_adapted_normalization_is_kept_by_the_copy():
+    """attach() copies the backbone; an adapted Normalization's copy must keep
+    its statistics (`set_weights` alone left it at mean 0, variance 1 and the
+    attached model 178 away from the backbone's outputs)."""
+    x = (np.random.default_rng(0).random((64, 6)) * 100 + 50).astype("float32")
+    norm = keras.layers.Normalization()
+    norm.adapt(x)
+    backbone = keras.Sequential(
+        [keras.Input((6,)), norm, keras.layers.Dense(8, "relu"), keras.layers.Dense(3)]
+    )
+    model = kmt.attach(backbone)
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), backbone.predict(x, verbose=0), atol=1e-4
+    )

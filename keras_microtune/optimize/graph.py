@@ -2,9 +2,9 @@
 
 The three rewrites clone a model layer by layer; this module owns what they
 share: the input check (`check_model`), the Functional view of a Sequential
-model (`as_functional`), per-layer copies (`clone_layer`), the clone-and-map
-core (`rewrite`), the walk into nested models (`walk`), each layer's node in
-one model's own graph (`layer_nodes`), the kernels that
+model (`as_functional`), per-layer copies (`clone_layer`, `copy_weights`),
+the clone-and-map core (`rewrite`), the walk into nested models (`walk`),
+each layer's node in one model's own graph (`layer_nodes`), the kernels that
 pruning and clustering act on (`kernels`) and the constraint that keeps a
 kernel under a 0/1 mask (`MaskConstraint`). It imports none of them.
 """
@@ -51,21 +51,22 @@ def clone_layer(layer, input_shape, name=None):
         config["name"] = name
     copy = layer.__class__.from_config(config)
     copy.build(input_shape)
-    copy_state(layer, copy)
+    copy_weights(layer, copy)
+    copy.trainable = layer.trainable
     return copy
 
 
-def copy_state(layer, copy):
-    """Give the built `copy` of `layer` its weights and trainable flag.
+def copy_weights(layer, copy):
+    """Give the built `copy` of `layer` its weights.
 
     Preprocessing layers derive their state from the weights (an adapted
     `Normalization` its mean and variance): `finalize_state` recomputes it,
-    as Keras does after loading a saved model.
+    as Keras does after loading a saved model. `set_weights` alone leaves
+    the copy normalizing with the statistics it was built with.
     """
     copy.set_weights(layer.get_weights())
     if hasattr(copy, "finalize_state"):
         copy.finalize_state()
-    copy.trainable = layer.trainable
 
 
 def as_functional(model):

@@ -218,7 +218,7 @@ def _merge(model):
         copy = layer.__class__.from_config(layer.get_config())
         if layer.built and layer.get_build_config() is not None:
             copy.build_from_config(layer.get_build_config())
-            copy.set_weights(layer.get_weights())
+            graph.copy_weights(layer, copy)
         copy.trainable = layer.trainable
         for source, target in zip(layer.weights, copy.weights):
             target.trainable = source.trainable

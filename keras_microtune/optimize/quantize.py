@@ -205,7 +205,8 @@ def _quantize_graph(model, unsupported, sparse, quantize_inputs):
             # the first input's shape (MultiHeadAttention) clone too.
             built[id(layer)] = layer.__class__.from_config(layer.get_config())
             out = built[id(layer)](*args, **kwargs)
-            graph.copy_state(layer, built[id(layer)])
+            graph.copy_weights(layer, built[id(layer)])
+            built[id(layer)].trainable = layer.trainable
             return out
         return built[id(layer)](*args, **kwargs)
 

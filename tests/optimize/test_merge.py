@@ -205,3 +205,19 @@ def test_merge_refuses_non_graph_models():
 
     with pytest.raises(TypeError, match="Sequential or Functional.*Sub"):
         kmt.optimize.merge_adapters(Sub())
+
+
+def test_merge_keeps_an_adapted_normalization():
+    """merge_adapters copies the layers around the merged ones; an adapted
+    Normalization's copy keeps its statistics (it normalized nothing before)."""
+    x = (np.random.default_rng(0).random((64, 6)) * 100 + 50).astype("float32")
+    norm = keras.layers.Normalization()
+    norm.adapt(x)
+    model = keras.Sequential(
+        [keras.Input((6,)), norm, keras.layers.Dense(8, "relu"), keras.layers.Dense(3)]
+    )
+    model.layers[1].enable_lora(2)
+    merged = kmt.optimize.merge_adapters(model)
+    np.testing.assert_allclose(
+        merged.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-4
+    )
