@@ -242,12 +242,19 @@ def attach(
             Conv/Dense kernel, each depthwise kernel, bias and norm affine
             pair; each is scored by the first-order loss decrease it allows
             per parameter (top-r singular values of dL/dW for LoRA, squared
-            gradient norm otherwise) after the new head is fitted on frozen
-            features, then chosen greedily within the budget. The choice is in
-            `kmt.placement_report(model)` and logged (`keras_microtune`
-            logger, INFO). Defaults to `None`.
+            gradient norm otherwise) with the new head fitted on frozen
+            features (see `data`), then chosen greedily within the budget.
+            The choice is in `kmt.placement_report(model)` and logged
+            (`keras_microtune` logger, INFO). Defaults to `None`.
         data: tuple `(x, y)` or None. A few labelled batches of the new task
-            (at most 512 samples are used) for `budget`. Defaults to `None`.
+            (at most 512 samples are used). With a new head (`num_classes`
+            or `head`), the head is first fitted on the backbone's frozen
+            features of `data` and keeps those weights (linear probing then
+            fine-tuning, LP-FT), so `fit` starts from a head that fits the
+            task (BENCHMARKS.md, table 2's `data` rows). The loss is
+            inferred from `y` (integer classes: sparse categorical
+            cross-entropy; otherwise mean squared error). With `budget`,
+            `data` also scores the placement. Defaults to `None`.
 
     Only the chosen LoRA factors, biases and norm parameters of the backbone
     train (`model.trainable_weights` lists exactly them, the adapters and
@@ -296,12 +303,20 @@ def attach(
             "Received an invalid value for `head`, expected None or a Keras layer. "
             f"Received: head of type {type(head).__name__}"
         )
-    if (budget is None) != (data is None):
+    if budget is not None and data is None:
         raise ValueError(
-            "`budget` and `data` go together: placement under a budget scores "
-            "the candidates on `data=(x, y)`. Pass both, or neither for the "
-            f"default placement. Received: budget={budget!r}, data "
-            f"{'given' if data is not None else 'None'}"
+            "`budget` needs `data`: placement under a budget scores the "
+            "candidates on `data=(x, y)`. Pass data=(x, y), a few labelled "
+            "batches of the new task, or leave budget=None for the default "
+            f"placement. Received: budget={budget!r}, data=None"
+        )
+    if data is not None and budget is None and num_classes is None and head is None:
+        raise ValueError(
+            "`data` without `budget` fits the new head on the frozen features, "
+            "but this call keeps the model's own head. Pass num_classes (or "
+            "head) for a new head, budget=... to choose the placement from "
+            "the data, or leave data=None. Received: num_classes=None, "
+            "head=None, budget=None"
         )
     if budget is not None:
         if not freeze:
@@ -411,7 +426,7 @@ def attach(
         result = PrefixCacheModel(inputs, outputs, name=f"{model.name}_microtune")
         if budget is not None:
             head_layers = [layer for layer in adapted.layers if layer.trainable]
-            _place(result, None, head_layers, data, budget)
+            _use_data(result, None, head_layers, data, budget)
         return result
 
     features = adapted.outputs[0]
@@ -425,14 +440,22 @@ def attach(
     else:
         outputs = head(features)
     result = PrefixCacheModel(inputs, outputs, name=f"{model.name}_microtune")
-    if budget is not None:
+    if data is not None:
         head_layers = [x for x in result.layers if x not in adapted.layers]
-        _place(result, features, head_layers, data, budget)
+        _use_data(result, features, head_layers, data, budget)
     return result
 
 
-def _place(model, features, head_layers, data, budget):
+def _use_data(model, features, head_layers, data, budget):
+    """Fit the new head on `data` (if any), then place within `budget`."""
     from keras_microtune import placement
 
-    plan = placement.plan_placement(model, features, head_layers, data, budget)
-    placement.apply_plan(model, plan)
+    placement.check_use(model, data, budget)  # every error before any fit
+    fitted = None
+    if features is not None:
+        fitted = placement.fit_head(model, features, data)
+    if budget is not None:
+        plan = placement.plan_placement(model, head_layers, data, budget)
+        if fitted is not None:
+            plan["head_fit"] = fitted
+        placement.apply_plan(model, plan)

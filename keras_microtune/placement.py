@@ -1,6 +1,7 @@
 """Placement under a budget: where adapters go, chosen from the user's data.
 
-`attach(model, ..., budget=..., data=(x, y))` calls `plan_placement`: every
+`attach(model, ..., budget=..., data=(x, y))` first fits the new head on the
+frozen features (`fit_head`), then calls `plan_placement`: every
 frozen layer of the backbone offers candidates (a LoRA update of a Conv/Dense
 kernel at a few ranks, a depthwise kernel, a bias, a norm's affine
 parameters), each scored by the first-order loss decrease it can buy per
@@ -175,15 +176,63 @@ def check_data(model, data):
     return x.astype(model.inputs[0].dtype), y
 
 
-def _probe_head(model, features, head_output, x, y, loss):
-    """Train the new head on frozen features (a linear probe); return weights."""
+def _sample(model, data):
+    x, y = check_data(model, data)
+    return x[:MAX_SAMPLES], y[:MAX_SAMPLES]
+
+
+def check_use(model, data, budget):
+    """Raise on bad `data` or `budget` for `model` before anything trains."""
+    if budget is not None:
+        head = sum(_size(v) for v in model.trainable_weights)
+        resolve_budget(budget, full_parameter_count(model), head)
+    x, y = _sample(model, data)
+    _loss_fn(model, x, y)
+
+
+def fit_head(model, features, data):
+    """Fit the new head on the frozen features of `data` (a linear probe).
+
+    The head's weights stay fitted, so fine-tuning starts from a head that
+    already fits the task (linear probing then fine-tuning, LP-FT): its first
+    gradients into the adapters carry the task, not a random head's noise.
+    Full-batch Adam at 1e-2 for `PROBE_EPOCHS` epochs on at most
+    `MAX_SAMPLES` samples; the features are computed once.
+
+    Args:
+        model: the attached Functional model; its backbone is frozen.
+        features: the symbolic tensor the head reads.
+        data: `(x, y)`, a few labelled batches of the new task.
+
+    Returns:
+        dict: `samples`, `epochs`, and the head's loss on them `before` and
+        `after` the fit.
+    """
+    import tensorflow as tf
+
+    x, y = _sample(model, data)
+    loss = _loss_fn(model, x, y)
     extractor = keras.Model(model.inputs, features)
     feats = extractor.predict(x, verbose=0, batch_size=256)
-    head = keras.Model(features, head_output)
-    saved = [w.numpy().copy() for w in head.trainable_weights]
+    head = keras.Model(features, model.outputs[0])
     head.compile(keras.optimizers.Adam(1e-2), loss)
-    head.fit(feats, y, epochs=PROBE_EPOCHS, batch_size=len(y), shuffle=False, verbose=0)
-    return head, saved
+    before = float(loss(y, head(feats)))
+    # One epoch of PROBE_EPOCHS full-batch steps: one trace, one iterator.
+    steps = tf.data.Dataset.from_tensors((feats, y)).repeat(PROBE_EPOCHS)
+    head.fit(steps, epochs=1, verbose=0)
+    after = float(loss(y, head(feats)))
+    logger.info(
+        "head fitted on frozen features of %d samples: loss %.4f -> %.4f",
+        len(y),
+        before,
+        after,
+    )
+    return {
+        "samples": int(len(y)),
+        "epochs": PROBE_EPOCHS,
+        "before": before,
+        "after": after,
+    }
 
 
 def _gradients(model, variables, x, y, loss, batch_size=128):
@@ -255,37 +304,26 @@ def choose(items, budget_left):
     return chosen
 
 
-def plan_placement(model, features, head_layers, data, budget, probe=True):
+def plan_placement(model, head_layers, data, budget):
     """Score the candidates of an attached model and choose within `budget`.
 
     Args:
-        model: the attached Functional model (backbone frozen, head trainable).
-        features: the symbolic tensor the head reads, or None to keep the head.
+        model: the attached Functional model (backbone frozen, head trainable;
+            a new head already fitted by `fit_head`, so the scores measure
+            what the head alone cannot do).
         head_layers: the head's layers (trainable; not candidates).
         data: `(x, y)`, a few labelled batches of the new task.
         budget: int or float, see `attach`.
-        probe: bool. Fit the head on frozen features first (then restore it),
-            so the scores measure what the head alone cannot do.
 
     Returns:
         dict: the plan (`chosen` items, `budget`, `head_params`, ...).
     """
-    x, y = check_data(model, data)
-    if len(x) > MAX_SAMPLES:
-        x, y = x[:MAX_SAMPLES], y[:MAX_SAMPLES]
+    x, y = _sample(model, data)
     head_params = sum(_size(v) for v in model.trainable_weights)
     full = full_parameter_count(model)
     count = resolve_budget(budget, full, head_params)
     loss = _loss_fn(model, x, y)
-    head, saved = None, None
-    if probe and features is not None:
-        head, saved = _probe_head(model, features, model.outputs[0], x, y, loss)
-    try:
-        items = score(model, candidates(model, head_layers), x, y, loss)
-    finally:
-        if head is not None:
-            for variable, value in zip(head.trainable_weights, saved):
-                variable.assign(value)
+    items = score(model, candidates(model, head_layers), x, y, loss)
     chosen = choose(items, count - head_params)
     return {
         "budget": count,
@@ -378,7 +416,9 @@ def placement_report(model):
     saved in `.keras` files): `budget`, `full_params`, `head_params`,
     `trainable_params`, `samples` and `chosen`, one entry per item
     (`layer`, `kind` in "lora"/"kernel"/"bias"/"norm", `rank`, `params`, and
-    `gain`, its first-order loss decrease). For any other model (the default
+    `gain`, its first-order loss decrease), and `head_fit` when a new head
+    was fitted on `data` first (`samples`, `epochs`, its loss `before` and
+    `after`). For any other model (the default
     placement, a reloaded one) it is read from the model's layers:
     `trainable_params` and `chosen` (every layer with LoRA or trainable
     kernels, biases or norms, the head included), with `recorded: False`.

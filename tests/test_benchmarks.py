@@ -109,6 +109,8 @@ def test_transfer_table(tmp_path):
     for method in ("head", "bias+norm", "budget"):
         assert 0 < by_method[method]["trainable"] < full["trainable"], method
     assert all(0 <= a <= 1 for r in rows for a in r["accuracy"])
+    # attach() is timed apart from fit (`data` and `budget` fit a head in it).
+    assert all(len(r["attach_seconds"]) == len(r["fit_seconds"]) for r in rows)
     # Full fine-tuning is also timed through keras.Model.fit, once per seed.
     assert len(full["keras_fit_seconds"]) == len(full["fit_seconds"]), full
     assert all(s > 0 for s in full["keras_fit_seconds"]), full

@@ -125,8 +125,12 @@ def test_invalid_arguments(cnn):
         ValueError, match="smaller than the head alone, which trains 51"
     ):
         kmt.attach(model, num_classes=3, budget=50, data=(x, y % 3))
-    with pytest.raises(ValueError, match="`budget` and `data` go together"):
+    with pytest.raises(ValueError, match="`budget` needs `data`"):
         kmt.attach(model, num_classes=3, budget=100)
+    with pytest.raises(ValueError, match="keeps the model's own head"):
+        kmt.attach(model, data=(x, y))
+    with pytest.raises(ValueError, match="expected integer classes in \\[0, 2\\]"):
+        kmt.attach(model, num_classes=3, data=(x, y))
     with pytest.raises(ValueError, match="wrong shape.*x of shape \\(n, 16, 3\\)"):
         kmt.attach(model, num_classes=3, budget=100, data=(x[:, :8], y))
     with pytest.raises(ValueError, match="expected integer classes in \\[0, 2\\]"):
@@ -140,6 +144,72 @@ def test_invalid_arguments(cnn):
             budget=100,
             data=(x, y),
         )
+
+
+def _head_loss(attached, x, y):
+    probs = attached.predict(x, verbose=0)
+    return float(keras.losses.sparse_categorical_crossentropy(y, probs).numpy().mean())
+
+
+def test_data_fits_the_new_head_and_nothing_else(cnn):
+    model, x, y = cnn
+    keras.utils.set_random_seed(1)
+    plain = kmt.attach(model, num_classes=3)
+    keras.utils.set_random_seed(1)
+    fitted = kmt.attach(model, num_classes=3, data=(x, y % 3))
+    # The same default placement trains, and the backbone is the copy of
+    # `model`: only the head's weights differ, and they fit the data.
+    assert [v.path for v in fitted.trainable_weights] == [
+        v.path for v in plain.trainable_weights
+    ]
+    head = {v.path for v in fitted.get_layer("classifier").weights} | {
+        v.path for v in fitted.get_layer("embedding").weights
+    }
+    moved = set()
+    for a, b in zip(plain.weights, fitted.weights):
+        if not np.array_equal(a.numpy(), b.numpy()):
+            moved.add(b.path)
+    assert moved and moved <= head, moved
+    assert _head_loss(fitted, x, y % 3) < 0.95 * _head_loss(plain, x, y % 3)
+    body = keras.Model(model.inputs, model.layers[1].output)
+    features = keras.Model(fitted.inputs, fitted.get_layer("embedding").input)
+    np.testing.assert_allclose(
+        features.predict(x, verbose=0), body.predict(x, verbose=0), atol=1e-5
+    )
+
+
+def test_data_fits_a_custom_regression_head(cnn):
+    model, x, _ = cnn
+    target = x[:, :, :1].mean(1) * 3  # (n, 1) float targets: mean squared error
+    head = keras.Sequential(
+        [keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(1)]
+    )
+    keras.utils.set_random_seed(2)
+    fitted = kmt.attach(model, head=head, data=(x, target))
+    keras.utils.set_random_seed(2)
+    plain = kmt.attach(
+        model,
+        head=keras.Sequential(
+            [keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(1)]
+        ),
+    )
+
+    def mse(m):
+        return float(np.mean((m.predict(x, verbose=0) - target) ** 2))
+
+    assert mse(fitted) < 0.9 * mse(plain)
+
+
+def test_budget_keeps_the_fitted_head(cnn):
+    model, x, y = cnn
+    keras.utils.set_random_seed(1)
+    plain = kmt.attach(model, num_classes=3)
+    keras.utils.set_random_seed(1)
+    attached = kmt.attach(model, num_classes=3, budget=300, data=(x, y % 3))
+    fit = kmt.placement_report(attached)["head_fit"]
+    assert fit["samples"] == len(x) and fit["after"] < fit["before"]
+    assert _head_loss(attached, x, y % 3) == pytest.approx(fit["after"], rel=1e-3)
+    assert _head_loss(attached, x, y % 3) < _head_loss(plain, x, y % 3)
 
 
 def test_report_reads_the_default_placement_from_the_model(cnn):
