@@ -247,7 +247,8 @@ def attach(
             The choice is in `kmt.placement_report(model)` and logged
             (`keras_microtune` logger, INFO). Defaults to `None`.
         data: tuple `(x, y)` or None. A few labelled batches of the new task
-            (at most 512 samples are used). With a new head (`num_classes`
+            (at most 512 samples are used: a fixed random subset of larger
+            data, not its first samples). With a new head (`num_classes`
             or `head`), the head is first fitted on the backbone's frozen
             features of `data` and keeps those weights (linear probing then
             fine-tuning, LP-FT), so `fit` starts from a head that fits the
