@@ -115,8 +115,9 @@ def peak_training_mib(make, x, y, lr, batch=None):
     batch = batch or MEMORY_BATCH
     index = np.arange(2 * batch) % len(y)
     # TensorFlow's and Keras' one-time set-up happens in a throwaway fit
-    # first, so a method whose `attach()` fits something itself (`data`,
-    # `budget`) is not credited with it.
+    # first, for every method. What `data` and `budget` trace in `attach()`
+    # (the head's fit) still happens before the reset, so their growth reads
+    # lower for that too (BENCHMARKS.md, table 2's notes).
     warm = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
     warm.compile(keras.optimizers.Adam(), "mse")
     warm.fit(np.zeros((2, 1)), np.zeros((2, 1)), verbose=0)

@@ -451,12 +451,12 @@ def _use_data(model, features, head_layers, data, budget):
     """Fit the new head on `data` (if any), then place within `budget`."""
     from keras_microtune import placement
 
-    placement.check_use(model, data, budget)  # every error before any fit
+    header, x, y, loss = placement.prepare(model, data, budget)  # errors first
     fitted = None
     if features is not None:
-        fitted = placement.fit_head(model, features, data)
+        fitted = placement.fit_head(model, features, x, y, loss)
     if budget is not None:
-        plan = placement.plan_placement(model, head_layers, data, budget)
+        plan = placement.plan_placement(model, head_layers, header, x, y, loss)
         if fitted is not None:
             plan["head_fit"] = fitted
         placement.apply_plan(model, plan)

@@ -189,28 +189,41 @@ def _sample(model, data):
     return x[keep], y[keep]
 
 
-def check_use(model, data, budget):
-    """Raise on bad `data` or `budget` for `model` before anything trains."""
+def prepare(model, data, budget=None):
+    """Check `budget` and `data` against `model` before anything trains.
+
+    Returns:
+        tuple `(budget, x, y, loss)`: the budget's header (`budget`,
+        `full_params`, `head_params`; None without a budget), `data` as
+        arrays (see `_sample`) and the loss inferred from `y`. Budget errors
+        come first, then data errors.
+    """
+    header = None
     if budget is not None:
         head = sum(_size(v) for v in model.trainable_weights)
-        resolve_budget(budget, full_parameter_count(model), head)
+        full = full_parameter_count(model)
+        header = {
+            "budget": resolve_budget(budget, full, head),
+            "full_params": full,
+            "head_params": head,
+        }
     x, y = _sample(model, data)
-    _loss_fn(model, x, y)
+    return header, x, y, _loss_fn(model, x, y)
 
 
-def fit_head(model, features, data):
-    """Fit the new head on the frozen features of `data` (a linear probe).
+def fit_head(model, features, x, y, loss):
+    """Fit the new head on the frozen features of `x` (a linear probe).
 
     The head's weights stay fitted, so fine-tuning starts from a head that
     already fits the task (linear probing then fine-tuning, LP-FT): its first
     gradients into the adapters carry the task, not a random head's noise.
-    Full-batch Adam at 1e-2 for `PROBE_EPOCHS` epochs on at most
-    `MAX_SAMPLES` samples; the features are computed once.
+    Full-batch Adam at 1e-2 for `PROBE_EPOCHS` epochs; the features are
+    computed once.
 
     Args:
         model: the attached Functional model; its backbone is frozen.
         features: the symbolic tensor the head reads.
-        data: `(x, y)`, a few labelled batches of the new task.
+        x, y, loss: from `prepare`.
 
     Returns:
         dict: `samples`, `epochs`, and the head's loss on them `before` and
@@ -218,8 +231,6 @@ def fit_head(model, features, data):
     """
     import tensorflow as tf
 
-    x, y = _sample(model, data)
-    loss = _loss_fn(model, x, y)
     extractor = keras.Model(model.inputs, features)
     feats = extractor.predict(x, verbose=0, batch_size=256)
     head = keras.Model(features, model.outputs[0])
@@ -312,32 +323,24 @@ def choose(items, budget_left):
     return chosen
 
 
-def plan_placement(model, head_layers, data, budget):
-    """Score the candidates of an attached model and choose within `budget`.
+def plan_placement(model, head_layers, header, x, y, loss):
+    """Score the candidates of an attached model and choose within budget.
 
     Args:
         model: the attached Functional model (backbone frozen, head trainable;
             a new head already fitted by `fit_head`, so the scores measure
             what the head alone cannot do).
         head_layers: the head's layers (trainable; not candidates).
-        data: `(x, y)`, a few labelled batches of the new task.
-        budget: int or float, see `attach`.
+        header, x, y, loss: from `prepare(model, data, budget)`.
 
     Returns:
         dict: the plan (`chosen` items, `budget`, `head_params`, ...).
     """
-    x, y = _sample(model, data)
-    head_params = sum(_size(v) for v in model.trainable_weights)
-    full = full_parameter_count(model)
-    count = resolve_budget(budget, full, head_params)
-    loss = _loss_fn(model, x, y)
     items = score(model, candidates(model, head_layers), x, y, loss)
-    chosen = choose(items, count - head_params)
+    chosen = choose(items, header["budget"] - header["head_params"])
     return {
-        "budget": count,
-        "full_params": full,
-        "head_params": head_params,
-        "trainable_params": head_params + sum(c["params"] for c in chosen),
+        **header,
+        "trainable_params": header["head_params"] + sum(c["params"] for c in chosen),
         "samples": int(len(x)),
         "chosen": chosen,
     }
