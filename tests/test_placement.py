@@ -181,18 +181,15 @@ def test_data_fits_the_new_head_and_nothing_else(cnn):
 def test_data_fits_a_custom_regression_head(cnn):
     model, x, _ = cnn
     target = x[:, :, :1].mean(1) * 3  # (n, 1) float targets: mean squared error
-    head = keras.Sequential(
-        [keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(1)]
-    )
-    keras.utils.set_random_seed(2)
-    fitted = kmt.attach(model, head=head, data=(x, target))
-    keras.utils.set_random_seed(2)
-    plain = kmt.attach(
-        model,
-        head=keras.Sequential(
+
+    def attach(**kwargs):
+        keras.utils.set_random_seed(2)
+        head = keras.Sequential(
             [keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(1)]
-        ),
-    )
+        )
+        return kmt.attach(model, head=head, **kwargs)
+
+    fitted, plain = attach(data=(x, target)), attach()
 
     def mse(m):
         return float(np.mean((m.predict(x, verbose=0) - target) ** 2))
